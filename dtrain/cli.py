@@ -1,0 +1,124 @@
+"""The `dtrain` command: config, data, train, sample, serve."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from dtrain.checkpoint import CheckpointError
+from dtrain.config import ConfigError, load_config, to_yaml
+from dtrain.data.shards import DataError
+
+
+class UserError(click.ClickException):
+    """Bad input from the user: one clear line, exit code 2, no traceback."""
+    exit_code = 2
+
+
+def _config(path, overrides):
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """dtrain: train and serve diffusion models with Ray Train, DeepSpeed and Ray Serve."""
+
+
+@main.command("config")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def config_cmd(config, overrides):
+    """Print the resolved CONFIG (YAML + key=value overrides) and exit."""
+    click.echo(to_yaml(_config(config, overrides)), nl=False)
+
+
+@main.group()
+def data():
+    """Build WebDataset shards from bundled data."""
+
+
+@data.command("digits")
+@click.option("--out", default="data/digits", show_default=True, type=click.Path(file_okay=False))
+@click.option("--image-size", default=16, show_default=True, help="Side in pixels (the originals are 8x8).")
+@click.option("--train-shards", default=4, show_default=True)
+def data_digits(out, image_size, train_shards):
+    """scikit-learn's handwritten digits (no download) -> train and validation shards."""
+    from dtrain.data.digits import write_digits
+
+    shards = write_digits(out, image_size=image_size, train_shards=train_shards)
+    click.echo(f"wrote {len(shards['train'])} train and {len(shards['val'])} validation shards to {out}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def train(config, overrides):
+    """Train CONFIG on a Ray cluster (a local one unless scaling.address is set). Rerun to resume."""
+    from dtrain.train.driver import fit
+
+    cfg = _config(config, overrides)
+    try:
+        final = fit(cfg)
+    except (DataError, ConfigError) as e:
+        raise UserError(str(e)) from None
+    click.echo(f"final checkpoint: {final}")
+
+
+def _load(checkpoint):
+    from dtrain.checkpoint import load_model
+
+    try:
+        return load_model(checkpoint)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--classes", default=None, help="Comma-separated class labels (default: all).")
+@click.option("--per-class", default=None, type=int, help="Samples per class (default: sample.per_class).")
+@click.option("--steps", default=None, type=int, help="Euler steps (default: sample.steps).")
+@click.option("--guidance", default=None, type=float, help="CFG scale (default: sample.guidance).")
+@click.option("--seed", default=0, show_default=True)
+def sample(checkpoint, out, classes, per_class, steps, guidance, seed):
+    """Write a grid of class-conditional samples (a row per class) from CHECKPOINT (or a run dir)."""
+    import torch
+
+    from dtrain.diffusion.samplers import generate, initial_noise
+    from dtrain.images import save_grid
+
+    net, cfg = _load(checkpoint)
+    m, s = cfg.model, cfg.sample
+    labels = list(range(m.num_classes)) if classes is None else [int(c) for c in classes.split(",")]
+    bad = [c for c in labels if not 0 <= c < m.num_classes]
+    if bad:
+        raise UserError(f"--classes: {bad} outside 0..{m.num_classes - 1}")
+    per_class = per_class or s.per_class
+    cond = torch.tensor(labels).repeat_interleave(per_class)
+    noise = initial_noise((m.in_channels, m.image_size, m.image_size), [seed + i for i in range(len(cond))])
+    x = generate(net, cond, noise, steps or s.steps, s.guidance if guidance is None else guidance, m.num_classes)
+    click.echo(f"wrote {save_grid(x, out, ncol=per_class)} ({len(labels)} classes x {per_class})")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--host", default=None, help="Bind address (default: serve.host).")
+@click.option("--port", default=None, type=int, help="HTTP port (default: serve.port).")
+@click.option("--replicas", default=None, type=int, help="Sampler replicas (default: serve.num_replicas).")
+def serve(checkpoint, host, port, replicas):
+    """Serve CHECKPOINT over HTTP with Ray Serve until interrupted: POST /v1/generate, GET /healthz."""
+    from dtrain.serving.app import run_blocking
+
+    try:
+        run_blocking(str(Path(checkpoint).resolve()), host=host, port=port, replicas=replicas)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

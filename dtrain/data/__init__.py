@@ -1,0 +1,1 @@
+"""Data: WebDataset shards in and out; bundled sources that need no download."""

@@ -1,0 +1,103 @@
+"""WebDataset shards: write (image, class) samples; read them back as batches split by rank.
+
+A sample is `{__key__, png, cls}`: a PNG image (grayscale or RGB) and an integer class label.
+Reading is deterministic: epoch e shuffles the shard list with (seed, e), rank r takes every
+world-th shard, DataLoader worker w every n-th of those, and the sample buffer is seeded too, so a
+resumed run can skip exactly the batches it already consumed.
+"""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Iterator
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+
+class DataError(ValueError):
+    """Shards that cannot feed the requested run."""
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """uint8 [H, W] or [H, W, 3] -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(samples, out_pattern: str, per_shard: int) -> list[str]:
+    """samples: iterable of (uint8 image, int label). out_pattern like 'dir/train-%06d.tar'."""
+    Path(out_pattern).parent.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(out_pattern, maxcount=per_shard, verbose=0) as sink:
+        for i, (img, label) in enumerate(samples):
+            sink.write({"__key__": f"{i:08d}", "png": encode_png(img), "cls": str(int(label)).encode()})
+        return [str(Path(out_pattern % k)) for k in range(sink.shard)]
+
+
+def expand_urls(urls: str) -> list[str]:
+    shards = [u for part in urls.split("::") for u in braceexpand.braceexpand(part)]
+    local = [s for s in shards if "://" not in s]
+    missing = [s for s in local if not Path(s).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} shard(s) not found, e.g. {missing[0]} (run `dtrain data digits`?)")
+    return shards
+
+
+def _decode(sample: dict) -> tuple[torch.Tensor, int]:
+    img = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.float32) / 127.5 - 1.0  # [-1, 1]
+    x = torch.from_numpy(img)
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # [C, H, W]
+    return x, int(sample["cls"])
+
+
+def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch_size: int,
+                  shuffle_buffer: int) -> wds.DataPipeline:
+    """One epoch of this rank's batches. Shards whose tar is corrupt are skipped with a warning."""
+    shards = expand_urls(urls)
+    if len(shards) < world:
+        raise DataError(f"{len(shards)} shard(s) for {world} workers: every worker needs one; write more shards")
+    random.Random(seed * 100_003 + epoch).shuffle(shards)
+    return wds.DataPipeline(
+        wds.SimpleShardList(shards[rank::world]),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}/{epoch}/{rank}")),
+        wds.map(_decode),
+        wds.batched(batch_size, partial=False),
+    )
+
+
+def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, shuffle_buffer: int,
+                  loader_workers: int = 0, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless stream of (x [B, C, H, W] in [-1, 1], labels [B]) for this rank, epoch after epoch.
+    `skip` batches are dropped first: that is how a resumed run continues where it stopped."""
+    epoch, seen = 0, 0
+    while True:
+        ds = epoch_dataset(urls, rank, world, epoch, seed, batch_size, shuffle_buffer)
+        loader = wds.WebLoader(ds, batch_size=None, num_workers=loader_workers) if loader_workers else ds
+        produced = 0
+        for x, y in loader:
+            produced += 1
+            seen += 1
+            if seen > skip:
+                yield x, torch.as_tensor(y)
+        if produced == 0:
+            raise DataError(f"rank {rank} got no full batch of {batch_size} from {urls} in epoch {epoch}")
+        epoch += 1
+
+
+def load_images(urls: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (or the first `limit`) samples of some shards, in order: for evaluation and tests."""
+    xs, ys = [], []
+    for sample in wds.DataPipeline(wds.SimpleShardList(expand_urls(urls)), wds.tarfile_to_samples()):
+        x, y = _decode(sample)
+        xs.append(x)
+        ys.append(y)
+        if limit and len(xs) >= limit:
+            break
+    return torch.stack(xs), torch.tensor(ys)

@@ -1,0 +1,63 @@
+"""The one named distributed step: our typed config -> a DeepSpeed config -> a DeepSpeed engine."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from dtrain.config import Config
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """A pure function of the config, so its errors surface in the driver before any worker starts."""
+    t = cfg.train
+    zero: dict = {
+        "stage": t.zero_stage,
+        # DeepSpeed's default buckets are 5e8 elements: a 2 GB fp32 buffer per rank. Keep them small.
+        "reduce_bucket_size": 5e6,
+        "allgather_bucket_size": 5e6,
+        "overlap_comm": False,
+    }
+    if t.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=5e6, stage3_param_persistence_threshold=0,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        # We hand DeepSpeed torch's AdamW: no JIT-built fused op to compile on CPU machines.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup, then cosine decay to 10% of the peak (a multiplier of train.lr)."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def wrap_deepspeed(net: torch.nn.Module, cfg: Config, world_size: int):
+    """Returns the DeepSpeed engine; it reuses the process group Ray Train already made."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    t = cfg.train
+    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, world_size), dist_init_required=False)
+    return engine

@@ -1,0 +1,128 @@
+"""The per-worker training loop: one function, read top to bottom.
+
+Ray Train runs `train_func(cfg_dict)` on every worker. Parallelism is applied in one named step
+(wrap_deepspeed); the objective is a small callable; EMA, tracking and checkpoints sit around it.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from dtrain import checkpoint as ckpt_io
+from dtrain.config import Config, from_yaml, to_dict
+from dtrain.data.shards import train_batches
+from dtrain.diffusion import build_objective
+from dtrain.diffusion.samplers import generate, initial_noise
+from dtrain.images import grid, to_uint8
+from dtrain.models import build_model, count_params
+from dtrain.tracking import make_tracker
+from dtrain.train.deepspeed_glue import wrap_deepspeed
+from dtrain.train.ema import EMA
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Every step draws its randomness from (seed, rank, step): a resumed or restarted run draws
+    exactly what an uninterrupted one would, with no RNG state to carry in the checkpoint."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
+
+
+def sample_grid(weights: dict, cfg: Config, per_class: int = 4) -> "np.ndarray":
+    """A class-conditional grid from consolidated EMA weights (rows = classes)."""
+    net = build_model(cfg.model)
+    net.load_state_dict(weights)
+    m = cfg.model
+    labels = torch.arange(m.num_classes).repeat_interleave(per_class)
+    noise = initial_noise((m.in_channels, m.image_size, m.image_size), list(range(len(labels))))
+    x = generate(net.eval(), labels, noise, cfg.sample.steps, cfg.sample.guidance, m.num_classes)
+    return grid(to_uint8(x), per_class)
+
+
+def train_func(cfg_dict: dict) -> None:
+    cfg = from_yaml(cfg_dict["yaml"])
+    run_dir = Path(cfg_dict["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t = cfg.train
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    net = build_model(cfg.model)
+    engine = wrap_deepspeed(net, cfg, world)
+    ema = EMA(engine.module, t.ema_decay)
+    loss_fn = build_objective(cfg.objective)
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+
+    def model_fn(x, time, cond):  # the objective sees fp32 in and out, whatever the precision
+        return engine(x.to(dtype), time, cond).float()
+
+    start = 0
+    resume = ray.train.get_checkpoint()
+    if resume:
+        with resume.as_directory() as d:
+            _, client = engine.load_checkpoint(str(Path(d) / ckpt_io.DEEPSPEED_DIR), tag="state")
+            ema.load_full_state_dict(ckpt_io.read_weights(d))
+        start = client["step"]
+    tracker = make_tracker(cfg, rank, run_dir, to_dict(cfg))
+    if rank == 0:
+        print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {count_params(net) / 1e6:.2f}M params, "
+              f"{world} workers, ZeRO-{t.zero_stage}, {t.precision}, steps {start}->{t.steps}", flush=True)
+
+    batches = train_batches(cfg.data.train_shards, rank, world, t.seed, cfg.data.batch_size,
+                            cfg.data.shuffle_buffer, cfg.data.loader_workers, skip=start)
+    bar = _progress(rank, start, t.steps)
+    engine.train()
+    window_start, window_loss = time.perf_counter(), torch.zeros(())
+    for step in range(start, t.steps):
+        torch.manual_seed(step_seed(t.seed, rank, step))
+        x, y = next(batches)
+        loss = loss_fn(model_fn, x, y).mean()
+        engine.backward(loss)
+        engine.step()
+        ema.update(step)
+        window_loss += loss.detach()
+        done = step + 1
+
+        if done % t.log_every == 0 or done == t.steps:
+            n = done - max(start, (done - 1) // t.log_every * t.log_every)  # steps in this window
+            dist.all_reduce(window_loss)
+            elapsed = time.perf_counter() - window_start
+            metrics = {"loss": window_loss.item() / (n * world), "lr": engine.get_lr()[0],
+                       "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "samples_per_s": n * cfg.data.batch_size * world / elapsed, "step_time_s": elapsed / n}
+            tracker.log(metrics, done)
+            if bar:
+                bar.set_description(f"train loss {metrics['loss']:.4f} | {metrics['samples_per_s']:.0f} samples/s")
+                bar.update(n)
+            window_start, window_loss = time.perf_counter(), torch.zeros(())
+
+        if done % t.ckpt_every == 0 or done == t.steps:
+            weights = ema.full_state_dict()  # a collective under ZeRO-3
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(str(Path(tmp) / ckpt_io.DEEPSPEED_DIR), tag="state", client_state={"step": done})
+                if rank == 0:
+                    ckpt_io.write_inference_files(tmp, weights, cfg, {
+                        "step": done, "stage": "pretrain", "objective": cfg.objective.name,
+                        "weights": "ema", "ema_decay": t.ema_decay, "world_size": world, "zero_stage": t.zero_stage})
+                    if done == t.steps or (cfg.tracking.sample_every and done % cfg.tracking.sample_every == 0):
+                        tracker.log_image("samples", sample_grid(weights, cfg), done)
+                ray.train.report({"step": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{done:08d}")
+            window_start = time.perf_counter()  # checkpoint time is not training throughput
+    if bar:
+        bar.close()
+    tracker.finish()
+
+
+def _progress(rank: int, start: int, total: int):
+    """Rank 0's progress bar, which Ray renders in the driver's terminal (tqdm_ray)."""
+    if rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(total=total, desc="train")
+    bar.update(start)
+    return bar
