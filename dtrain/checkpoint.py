@@ -86,8 +86,12 @@ def load_model(ckpt: str | Path) -> tuple[torch.nn.Module, Config]:
     cfg = read_config(d)
     net = build_model(cfg.model)
     state = read_weights(d)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{d / WEIGHTS_FILE} does not match {cfg.model.arch}/{cfg.model.size}: "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    expected = {k: v.shape for k, v in net.state_dict().items()}
+    got = {k: v.shape for k, v in state.items()}
+    if expected != got:
+        wrong = [k for k in expected.keys() & got.keys() if expected[k] != got[k]]
+        raise CheckpointError(f"{d / WEIGHTS_FILE} does not match {cfg.model.arch}/{cfg.model.size} in {d / CONFIG_FILE}: "
+                              f"missing {sorted(expected.keys() - got.keys())[:3]}, unexpected "
+                              f"{sorted(got.keys() - expected.keys())[:3]}, wrong shape {sorted(wrong)[:3]}")
+    net.load_state_dict(state)
     return net.eval(), cfg

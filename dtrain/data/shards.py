@@ -8,6 +8,7 @@ resumed run can skip exactly the batches it already consumed.
 from __future__ import annotations
 
 import io
+import os
 import random
 from pathlib import Path
 from typing import Iterator
@@ -46,6 +47,11 @@ def expand_urls(urls: str) -> list[str]:
     if missing:
         raise DataError(f"{len(missing)} shard(s) not found, e.g. {missing[0]} (run `dtrain data digits`?)")
     return shards
+
+
+def absolute_urls(urls: str) -> str:
+    """Local shard paths made absolute, since Ray workers do not run in the driver's directory."""
+    return "::".join(p if "://" in p else os.path.abspath(p) for p in urls.split("::"))
 
 
 def _decode(sample: dict) -> tuple[torch.Tensor, int]:

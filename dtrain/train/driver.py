@@ -1,13 +1,14 @@
 """The driver: a Ray Train TorchTrainer that runs train_func on N workers (gloo on CPU)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from dtrain.config import Config, to_yaml
-from dtrain.data.shards import expand_urls
+from dtrain.data.shards import absolute_urls, expand_urls
 from dtrain.runtime import ensure_ray
 from dtrain.train.deepspeed_glue import deepspeed_config
 from dtrain.train.loop import train_func
@@ -21,6 +22,8 @@ def fit(cfg: Config) -> Path:
     checkpoint directory."""
     s = cfg.scaling
     deepspeed_config(cfg, s.num_workers)  # config errors here, not in a worker
+    cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute_urls(cfg.data.train_shards),
+                                    val_shards=absolute_urls(cfg.data.val_shards)))
     if not s.address:
         expand_urls(cfg.data.train_shards)  # missing local shards fail here too
     ensure_ray(s.address, s.num_workers * s.cpus_per_worker)

@@ -1,0 +1,44 @@
+"""Shared fixtures: one Ray cluster per test session, tiny shards, tiny configs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every real-stack test (train, serve) of the session."""
+    import ray
+
+    from dtrain.runtime import ensure_ray
+
+    ensure_ray(num_cpus=4)  # logical CPUs: 2 train workers + serve replicas fit side by side
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    from dtrain.data.digits import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out, image_size=8, train_shards=4, val_per_class=5)
+    return out
+
+
+def tiny_overrides(digits_dir, tmp_path) -> list[str]:
+    """Overrides for a DiT small enough to train in seconds on 8x8 digits."""
+    return [
+        "model.size=tiny", "model.image_size=8", "model.patch_size=2",
+        f"data.train_shards={digits_dir}/train-{{000000..000003}}.tar",
+        f"data.val_shards={digits_dir}/val-000000.tar",
+        "data.batch_size=16", "data.shuffle_buffer=64",
+        f"train.storage_path={tmp_path}/runs", "train.warmup_steps=2", "train.log_every=2",
+        "tracking.wandb=false", "sample.steps=4", "sample.per_class=2",
+    ]

@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pytest
+
+from dtrain.config import Config, ConfigError, from_yaml, load_config, to_yaml
+
+
+def test_defaults_validate_and_round_trip_through_yaml():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert from_yaml(to_yaml(cfg)) == cfg
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\n  lr: 0.01\nmodel:\n  size: mini\n")
+    cfg = load_config(path, ["train.steps=9", "scaling.num_workers=3"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.model.size, cfg.scaling.num_workers) == (9, 0.01, "mini", 3)
+
+
+@pytest.mark.parametrize("override, names", [
+    ("train.stepz=5", "train.stepz"),
+    ("trian.steps=5", "trian"),
+    ("train.steps=abc", "train.steps"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("model.size=huge", "model.size"),
+    ("model.image_size=15", "model.image_size"),
+    ("train.precision=fp8", "train.precision"),
+    ("objective.name=gan", "objective.name"),
+])
+def test_bad_override_names_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stpes: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "bad.yaml" in str(e.value) and "train.stpes" in str(e.value)
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.steps"])
+
+
+def test_cli_prints_resolved_config_and_rejects_bad_keys(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "dtrain.cli", "config", "configs/quickstart.yaml", "train.steps=3"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "steps: 3" in ok.stdout and "zero_stage: 2" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "dtrain.cli", "config", "configs/quickstart.yaml", "train.nope=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "train.nope" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,86 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dtrain.config import ModelConfig
+from dtrain.models import BACKBONES, build_model, count_params
+from dtrain.models.layers import Attention, unpatchify, PatchEmbed
+
+
+def tiny(**kw):
+    return ModelConfig(**{"size": "tiny", "image_size": 8, "patch_size": 2, **kw})
+
+
+def test_untrained_dit_outputs_zeros_of_input_shape():
+    net = build_model(tiny(in_channels=3))
+    x = torch.randn(3, 3, 8, 8)
+    out = net(x, torch.rand(3), torch.tensor([0, 5, 10]))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+
+
+def test_dit_depends_on_input_time_and_label_after_training_starts():
+    torch.manual_seed(0)
+    net = build_model(tiny()).eval()
+    for p in net.parameters():  # move off the zero init
+        p.data.add_(0.02 * torch.randn_like(p))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.3]), torch.tensor([1, 1])
+    base = net(x, t, y)
+    assert not torch.allclose(base, net(x, t + 0.2, y))
+    assert not torch.allclose(base, net(x, t, y + 1))
+    assert not torch.allclose(base, net(x + 0.1, t, y))
+
+
+def test_label_dropout_only_in_training():
+    net = build_model(tiny(class_dropout=0.999))
+    emb = net.y_embed
+    labels = torch.arange(10)
+    null = emb.table.weight[10]
+    emb.train()
+    assert torch.allclose(emb(labels), null.expand(10, -1))
+    emb.eval()
+    assert torch.allclose(emb(labels), emb.table.weight[:10])
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    attn = Attention(16, 4)
+    x = torch.randn(2, 5, 16)
+    q, k, v = attn.qkv(x).view(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    w = F.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 5, 16))
+    assert torch.allclose(attn(x), ref, atol=1e-6)
+
+
+def test_unpatchify_inverts_patch_order():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    pe = PatchEmbed(3, 2, 12)
+    torch.nn.init.eye_(pe.proj.weight.view(12, 12))  # identity: token = the patch's pixels (c, p, q)
+    torch.nn.init.zeros_(pe.proj.bias)
+    tokens = pe(x)  # [B, 16, 12] ordered (c, p, q)
+    tokens = tokens.view(2, 16, 3, 2, 2).permute(0, 1, 3, 4, 2).reshape(2, 16, 12)  # -> (p, q, c)
+    assert torch.equal(unpatchify(tokens, 2, 3, 4), x)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    net = build_model(tiny())
+    for p in net.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    net.y_embed.dropout = 0.0
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    net(x, t, y).square().sum().backward()
+    ref = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.grad_checkpointing = True
+    net(x, t, y).square().sum().backward()
+    for a, b in zip(ref, (p.grad for p in net.parameters())):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_sizes_registry_names_the_paper_sizes():
+    sizes = BACKBONES["dit"].SIZES
+    assert {"tiny", "S", "B", "L", "XL"} <= set(sizes)
+    # DiT-XL/2 has 675M parameters (DiT paper, Table 1) at 256px latents (32x32x4), 1000 classes
+    net = build_model(ModelConfig(size="XL", image_size=32, in_channels=4, patch_size=2, num_classes=1000))
+    assert abs(count_params(net) / 675e6 - 1) < 0.01
