@@ -6,6 +6,8 @@ A checkpoint directory holds
     model.safetensors   EMA weights, consolidated (what sampling and serving load)
     meta.json           step, stage, parent checkpoint, what the weights are
     deepspeed/          each rank's ZeRO shard + optimizer and scheduler state (for resume only)
+`dtrain export` folds the first three into one .safetensors file (config and meta in its header),
+which loads anywhere a checkpoint directory does.
 Inference files are written to temporary names and renamed, so a crash never leaves a half file.
 """
 from __future__ import annotations
@@ -15,11 +17,13 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dtrain.config import Config, ConfigError, from_yaml, to_yaml
 
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, DEEPSPEED_DIR = "config.yaml", "model.safetensors", "meta.json", "deepspeed"
+EXPORT_CONFIG_KEY, EXPORT_META_KEY = "dtrain.config", "dtrain.meta"
 
 
 class CheckpointError(ValueError):
@@ -46,11 +50,12 @@ def is_complete(d: Path) -> bool:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory -> its newest complete checkpoint."""
+    """An exported .safetensors file, a checkpoint directory, or a run directory -> its newest
+    complete checkpoint."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no such checkpoint or run directory: {p}")
-    if is_complete(p):
+    if p.is_file() or is_complete(p):
         return p
     found = sorted(c for c in p.glob("checkpoint_*") if is_complete(c))
     if not found:
@@ -58,39 +63,66 @@ def resolve(path: str | Path) -> Path:
     return found[-1]
 
 
-def read_config(ckpt: str | Path) -> Config:
-    d = resolve(ckpt)
+def _exported_metadata(path: Path) -> dict:
+    """An exported file carries its config and meta in the safetensors header."""
     try:
-        return from_yaml((d / CONFIG_FILE).read_text())
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    if EXPORT_CONFIG_KEY not in meta:
+        raise CheckpointError(f"{path} has no '{EXPORT_CONFIG_KEY}' metadata: not exported by `dtrain export`")
+    return meta
+
+
+def read_config(ckpt: str | Path) -> Config:
+    p = resolve(ckpt)
+    source = p if p.is_file() else p / CONFIG_FILE
+    text = _exported_metadata(p)[EXPORT_CONFIG_KEY] if p.is_file() else source.read_text()
+    try:
+        return from_yaml(text)
     except ConfigError as e:
-        raise CheckpointError(f"{d / CONFIG_FILE}: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def read_meta(ckpt: str | Path) -> dict:
-    return json.loads((resolve(ckpt) / META_FILE).read_text())
+    p = resolve(ckpt)
+    return json.loads(_exported_metadata(p)[EXPORT_META_KEY] if p.is_file() else (p / META_FILE).read_text())
 
 
-def read_weights(d: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(d) / WEIGHTS_FILE
+def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    p = Path(ckpt)
+    path = p if p.is_file() else p / WEIGHTS_FILE
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own types for truncated or corrupt files
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+def export(ckpt: str | Path, out: str | Path) -> Path:
+    """One self-describing .safetensors file for inference: EMA weights + config + meta."""
+    d = resolve(ckpt)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", EXPORT_CONFIG_KEY: to_yaml(read_config(d)),
+                EXPORT_META_KEY: json.dumps({**read_meta(d), "exported_from": str(d)})}
+    _atomic_write(out, lambda p: save_file(read_weights(d), str(p), metadata=metadata))
+    return out
+
+
 def load_model(ckpt: str | Path) -> tuple[torch.nn.Module, Config]:
     """Rebuild the network from the checkpoint alone: fp32, eval mode, on CPU. Never unpickles."""
     from dtrain.models import build_model
 
-    d = resolve(ckpt)
-    cfg = read_config(d)
+    p = resolve(ckpt)
+    cfg = read_config(p)
     net = build_model(cfg.model)
-    state = read_weights(d)
+    state = read_weights(p)
     expected = {k: v.shape for k, v in net.state_dict().items()}
     got = {k: v.shape for k, v in state.items()}
     if expected != got:
         wrong = [k for k in expected.keys() & got.keys() if expected[k] != got[k]]
-        raise CheckpointError(f"{d / WEIGHTS_FILE} does not match {cfg.model.arch}/{cfg.model.size} in {d / CONFIG_FILE}: "
+        raise CheckpointError(f"weights in {p} do not match {cfg.model.arch}/{cfg.model.size} of its config: "
                               f"missing {sorted(expected.keys() - got.keys())[:3]}, unexpected "
                               f"{sorted(got.keys() - expected.keys())[:3]}, wrong shape {sorted(wrong)[:3]}")
     net.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""The `dtrain` command: config, data, train, sample, serve."""
+"""The `dtrain` command: config, data, train, sample, export, serve, bench."""
 from __future__ import annotations
 
 import sys
@@ -68,6 +68,26 @@ def train(config, overrides):
     click.echo(f"final checkpoint: {final}")
 
 
+@main.command()
+@click.option("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+@click.option("--working-dir", default=".", show_default=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--no-follow", is_flag=True, help="Return once submitted instead of streaming the logs.")
+@click.argument("config", type=click.Path(dir_okay=False, exists=True))
+@click.argument("overrides", nargs=-1)
+def submit(address, working_dir, no_follow, config, overrides):
+    """Submit `dtrain train CONFIG` as a Ray job, stream its logs, exit with its status."""
+    from dtrain.submit import submit as submit_job
+
+    _config(config, overrides)  # a bad config fails here, not on the cluster
+    try:
+        job_id, status = submit_job(address, config, list(overrides), working_dir, follow=not no_follow)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"job {job_id}: {status.value}")
+    if status.value in ("FAILED", "STOPPED"):
+        sys.exit(1)
+
+
 def _load(checkpoint):
     from dtrain.checkpoint import load_model
 
@@ -103,6 +123,49 @@ def sample(checkpoint, out, classes, per_class, steps, guidance, seed):
     noise = initial_noise((m.in_channels, m.image_size, m.image_size), [seed + i for i in range(len(cond))])
     x = generate(net, cond, noise, steps or s.steps, s.guidance if guidance is None else guidance, m.num_classes)
     click.echo(f"wrote {save_grid(x, out, ncol=per_class)} ({len(labels)} classes x {per_class})")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
+def export(checkpoint, out):
+    """Fold CHECKPOINT (EMA weights, config, meta) into one .safetensors file for inference."""
+    from dtrain.checkpoint import export as export_checkpoint
+
+    try:
+        click.echo(f"wrote {export_checkpoint(checkpoint, out)}")
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
+@main.group()
+def bench():
+    """Benchmarks: a table, or JSON with --json."""
+
+
+@bench.command("flops")
+@click.option("--json", "as_json", is_flag=True)
+def bench_flops(as_json):
+    """Forward GMACs of DiT S/B/L/XL at patch 2/4/8 on 256px latents, against the DiT paper."""
+    from dtrain.bench import emit
+    from dtrain.bench.flops import run
+
+    click.echo(emit(run("dit"), as_json))
+
+
+@bench.command("scaling")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--width", default=256, show_default=True)
+@click.option("--depth", default=8, show_default=True)
+@click.option("--attn-every", default=4, show_default=True, help="SSM-hybrid: every k-th block is attention.")
+@click.option("--repeats", default=2, show_default=True, help="Timed passes per point (best is kept).")
+def bench_scaling(as_json, width, depth, attn_every, repeats):
+    """Forward+backward seconds vs tokens (256..4096), DiT vs SSM-hybrid, and fitted exponents."""
+    from dtrain.bench import emit
+    from dtrain.bench.scaling import run
+
+    rows, summary = run(width=width, depth=depth, repeats=repeats, attn_every=attn_every)
+    click.echo(emit(rows, as_json, summary))
 
 
 @main.command()

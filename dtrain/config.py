@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "dit"  # backbone family, a key of dtrain.models.BACKBONES
+    arch: str = "dit"  # backbone family, a key of dtrain.models.BACKBONES: dit | ssm (SSM-hybrid)
     size: str = "tiny"  # named size in that family's registry (tiny, S, B, L, XL, ...)
     image_size: int = 16  # side of the (square) input in pixels or latent cells
     in_channels: int = 1  # 1 for grayscale digits, 4 for SD-VAE latents
@@ -31,6 +31,7 @@ class ModelConfig:
     num_heads: int = 0  # 0 = take from the named size
     mlp_ratio: float = 4.0  # MLP width / hidden size
     qk_norm: bool = False  # RMS-normalise queries and keys (stabilises large models in bf16)
+    attn_every: int = -1  # ssm only: every k-th block is attention, 0 = pure SSM, -1 = the size's own
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metric reports
     ckpt_every: int = 250  # steps between checkpoints (and one at the end)
     max_failures: int = 0  # worker failures Ray Train recovers from by restarting the group
+    fault_drill_step: int = 0  # fault drill: the last rank exits abruptly after this many steps, once per run dir (0 = off)
 
 
 @dataclass
@@ -171,6 +173,7 @@ def validate(cfg: Config) -> None:
     _check(m.size in sizes, "model.size", f"'{m.size}' is not a {m.arch} size: {sorted(sizes)}")
     _check(m.image_size % m.patch_size == 0, "model.image_size",
            f"{m.image_size} is not divisible by model.patch_size={m.patch_size}")
+    _check(m.attn_every >= -1, "model.attn_every", "must be -1 (size default), 0 (pure SSM) or a block period")
     _check(0.0 <= m.class_dropout < 1.0, "model.class_dropout", "must be in [0, 1)")
     _check(cfg.objective.name in OBJECTIVES, "objective.name",
            f"'{cfg.objective.name}' is not one of {sorted(OBJECTIVES)}")

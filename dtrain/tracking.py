@@ -24,11 +24,16 @@ class NullTracker:
 
 
 class JsonlTracker(NullTracker):
-    """One JSON object per log call, appended, so a resumed run continues the same file."""
+    """One JSON object per log call, appended, so a resumed run continues the same file. Lines past
+    the step a run resumes from (logged after its last checkpoint, then lost) are dropped first,
+    so the logged steps stay contiguous."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, metrics, step):
         with self.path.open("a") as f:
@@ -78,11 +83,11 @@ def wandb_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def make_tracker(cfg, rank: int, run_dir: Path, config_dict: dict) -> Tracker:
+def make_tracker(cfg, rank: int, run_dir: Path, config_dict: dict, resume_step: int = 0) -> Tracker:
     """Rank 0 tracks; every other rank gets a null tracker (one W&B run per training run)."""
     if rank != 0:
         return NullTracker()
-    trackers = [JsonlTracker(run_dir / "metrics.jsonl")]
+    trackers = [JsonlTracker(run_dir / "metrics.jsonl", resume_step)]
     mode = wandb_mode(cfg.tracking.mode)
     if cfg.tracking.wandb and mode != "disabled":
         trackers.append(WandbTracker(cfg.tracking.project, cfg.train.run_name, run_dir, mode, config_dict))

@@ -54,7 +54,7 @@ def test_weights_of_another_architecture_are_rejected(tmp_path):
     make_ckpt(tmp_path / "c")
     cfg_text = (tmp_path / "c" / CONFIG_FILE).read_text().replace("size: tiny", "size: mini")
     (tmp_path / "c" / CONFIG_FILE).write_text(cfg_text)
-    with pytest.raises(CheckpointError, match="does not match dit/mini"):
+    with pytest.raises(CheckpointError, match="do not match dit/mini"):
         load_model(tmp_path / "c")
 
 
@@ -79,3 +79,23 @@ def test_cli_sample_writes_a_grid_png(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dtrain.cli", "sample", str(tmp_path / "c"), "--classes", "12"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "outside 0..9" in bad.stderr
+
+
+def test_export_is_one_self_describing_file_that_loads_like_the_checkpoint(tmp_path):
+    from dtrain.checkpoint import export
+
+    net, cfg = make_ckpt(tmp_path / "run" / "checkpoint_00000005", step=5)
+    out = export(tmp_path / "run", tmp_path / "model.safetensors")
+    assert read_meta(out)["step"] == 5
+    loaded, cfg2 = load_model(out)
+    assert cfg2 == cfg
+    for a, b in zip(net.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_plain_safetensors_without_our_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not exported by `dtrain export`"):
+        load_model(tmp_path / "other.safetensors")

@@ -84,3 +84,13 @@ def test_sizes_registry_names_the_paper_sizes():
     # DiT-XL/2 has 675M parameters (DiT paper, Table 1) at 256px latents (32x32x4), 1000 classes
     net = build_model(ModelConfig(size="XL", image_size=32, in_channels=4, patch_size=2, num_classes=1000))
     assert abs(count_params(net) / 675e6 - 1) < 0.01
+
+
+def test_flops_counter_reproduces_the_dit_paper_table():
+    from dtrain.bench.flops import run
+
+    rows = run("dit")
+    assert len(rows) == 12
+    for row in rows:  # DiT paper, Table 4, 256px latents; the paper rounds to 2 decimals
+        assert abs(row["gmacs"] - row["paper_gmacs"]) <= max(0.01 * row["paper_gmacs"], 0.005), row
+    assert all(abs(r["rel_diff"]) < 0.01 for r in rows if r["model"].endswith("/2"))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from dtrain.models import dit
+from dtrain.models import dit, ssm
 
-BACKBONES = {"dit": dit}
+BACKBONES = {"dit": dit, "ssm": ssm}
 
 
 def build_model(model_cfg) -> nn.Module:

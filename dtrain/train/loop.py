@@ -5,6 +5,7 @@ Ray Train runs `train_func(cfg_dict)` on every worker. Parallelism is applied in
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -66,7 +67,7 @@ def train_func(cfg_dict: dict) -> None:
             _, client = engine.load_checkpoint(str(Path(d) / ckpt_io.DEEPSPEED_DIR), tag="state")
             ema.load_full_state_dict(ckpt_io.read_weights(d))
         start = client["step"]
-    tracker = make_tracker(cfg, rank, run_dir, to_dict(cfg))
+    tracker = make_tracker(cfg, rank, run_dir, to_dict(cfg), resume_step=start)
     if rank == 0:
         print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {count_params(net) / 1e6:.2f}M params, "
               f"{world} workers, ZeRO-{t.zero_stage}, {t.precision}, steps {start}->{t.steps}", flush=True)
@@ -77,6 +78,8 @@ def train_func(cfg_dict: dict) -> None:
     engine.train()
     window_start, window_loss = time.perf_counter(), torch.zeros(())
     for step in range(start, t.steps):
+        if t.fault_drill_step and step == t.fault_drill_step and rank == world - 1:
+            _fault_drill(run_dir)
         torch.manual_seed(step_seed(t.seed, rank, step))
         x, y = next(batches)
         loss = loss_fn(model_fn, x, y).mean()
@@ -115,6 +118,17 @@ def train_func(cfg_dict: dict) -> None:
     if bar:
         bar.close()
     tracker.finish()
+
+
+def _fault_drill(run_dir: Path) -> None:
+    """Die like a lost node: no exception, no cleanup. Once per run directory, so the restarted
+    worker group gets past this step."""
+    marker = run_dir / ".fault_drill_done"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        print("[dtrain] fault drill: this rank exits abruptly", flush=True)
+        os._exit(1)
 
 
 def _progress(rank: int, start: int, total: int):
