@@ -76,13 +76,13 @@ def train(config, overrides):
 @click.argument("overrides", nargs=-1)
 def submit(address, working_dir, no_follow, config, overrides):
     """Submit `dtrain train CONFIG` as a Ray job, stream its logs, exit with its status."""
-    from dtrain.submit import submit as submit_job
+    from dtrain.submit import SubmitError, submit as submit_job
 
     _config(config, overrides)  # a bad config fails here, not on the cluster
     try:
         job_id, status = submit_job(address, config, list(overrides), working_dir, follow=not no_follow)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    except (ValueError, SubmitError) as e:
+        raise UserError(f"submit: {e}") from None
     click.echo(f"job {job_id}: {status.value}")
     if status.value in ("FAILED", "STOPPED"):
         sys.exit(1)

@@ -13,5 +13,6 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None) -> Non
     if address:
         ray.init(address=address)
     else:
+        # "local": a new cluster of our own, even where `ray start` left one running on this machine.
         # The dashboard stays on: Ray Train V2 queries its state API to clean up placement groups.
-        ray.init(num_cpus=max(num_cpus or 0, os.cpu_count() or 1))
+        ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1))

@@ -50,17 +50,30 @@ def test_training_writes_a_self_describing_checkpoint_and_tracks(trained):
     assert out.abs().sum() > 0  # trained away from the zero init
 
 
-def test_serve_generates_pngs_over_http(trained, ray_cluster):
+@pytest.fixture(scope="module")
+def serve_url(ray_cluster):
+    """Ray Serve's HTTP proxy on a free loopback port (HTTP options are fixed at first start)."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def deploy(ckpt, name: str) -> None:
     from ray import serve
 
     from dtrain.serving.app import ServeArgs, build_app
 
+    serve.run(build_app(ServeArgs(checkpoint=str(ckpt), replica_cpus=0.5)), name=name, route_prefix=f"/{name}")
+
+
+def test_serve_generates_pngs_over_http(trained, serve_url):
+    from ray import serve
+
     _, ckpt = trained
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeArgs(checkpoint=str(ckpt), replica_cpus=0.5)), name="e2e", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base, timeout=60) as client:
+    deploy(ckpt, "e2e")
+    with httpx.Client(base_url=f"{serve_url}/e2e", timeout=60) as client:
         assert client.get("/healthz").json()["status"] == "ok"
         r = client.post("/v1/generate", json={"class_label": 3, "seed": 7, "steps": 4, "num_images": 2})
         assert r.status_code == 200, r.text
@@ -123,3 +136,18 @@ def test_resume_with_another_worker_count_names_both(ray_cluster, digits_dir, tm
     fit(load_config("configs/quickstart.yaml", common))
     with pytest.raises(ConfigError, match="from 2 workers.*asks for 3"):
         fit(load_config("configs/quickstart.yaml", common + ["scaling.num_workers=3", "train.steps=4"]))
+
+
+def test_ssm_hybrid_trains_under_deepspeed_and_serves(ray_cluster, digits_dir, tmp_path, serve_url):
+    from ray import serve
+
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp_path) + [
+        "model.arch=ssm", "train.run_name=ssm", "train.steps=4", "train.ckpt_every=4", "train.zero_stage=3"])
+    ckpt = fit(cfg)
+    net, cfg2 = load_model(ckpt)
+    assert cfg2.model.arch == "ssm" and any(type(b).__name__ == "SSMBlock" for b in net.blocks)
+    deploy(ckpt, "ssm")
+    r = httpx.post(f"{serve_url}/ssm/v1/generate", json={"class_label": 5, "steps": 3}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (8, 8)
+    serve.delete("ssm")

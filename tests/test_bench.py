@@ -1,0 +1,66 @@
+"""dtrain.bench.zero and dtrain.bench.train: the pure helpers fast, the real stack marked slow."""
+import json
+
+import pytest
+import torch
+
+from dtrain.bench.train import DEFAULTS, steady_samples_per_s, torch_samples_per_s
+from dtrain.bench.zero import model_state_bytes, paper_bytes_per_param
+from dtrain.config import load_config
+
+
+def test_paper_ratios_match_the_zero_paper_at_two_ranks():
+    ratios = [paper_bytes_per_param(s, 2) / paper_bytes_per_param(0, 2) for s in range(4)]
+    assert ratios == pytest.approx([1, 0.625, 0.5625, 0.5])
+    assert paper_bytes_per_param(0, 2) == 16 and paper_bytes_per_param(3, 64) == pytest.approx(0.25)
+    assert paper_bytes_per_param(0, 2, "fp32") == 16 and paper_bytes_per_param(2, 2, "fp32") == 10
+
+
+def test_byte_accounting_of_a_plain_adamw():
+    net = torch.nn.Linear(10, 20)  # 220 fp32 parameters: 880 bytes
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(3, 10)).sum().backward()
+    opt.step()
+    got = model_state_bytes(net, opt)
+    # Adam: exp_avg + exp_avg_sq (880 each) and a 0-dim fp32 step counter per parameter tensor
+    assert got == {"params": 880, "grads": 880, "optimizer": 2 * 880 + 2 * 4}
+
+
+def test_byte_accounting_counts_a_shared_storage_once_and_names_gradient_buffers():
+    flat = torch.zeros(100)
+    net = torch.nn.Module()
+    net.a, net.b = torch.nn.Parameter(flat[:60]), torch.nn.Parameter(flat[60:])  # views of one buffer
+    state = {"averaged_gradients": [torch.zeros(50)], "ipg_bucket": torch.zeros(10),
+             "master": [torch.zeros(100), flat[:10]], "moments": {"m": torch.zeros(25, dtype=torch.float64)}}
+    assert model_state_bytes(net, state) == {"params": 400, "grads": 200 + 40, "optimizer": 400 + 200}
+
+
+def test_steady_throughput_skips_the_warmup_windows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    windows = [(10, 1.0), (20, 0.1), (30, 0.1), (35, 0.2)]  # (step, step_time_s); batch 8 x 2 workers
+    path.write_text("".join(json.dumps({"step": s, "step_time_s": dt, "samples_per_s": 16 / dt}) + "\n"
+                            for s, dt in windows))
+    assert steady_samples_per_s(path, warmup=10) == pytest.approx(25 * 16 / (10 * 0.1 + 10 * 0.1 + 5 * 0.2))
+    assert steady_samples_per_s(path, warmup=0) == pytest.approx(35 * 16 / (10 * 1.0 + 10 * 0.1 + 10 * 0.1 + 5 * 0.2))
+
+
+@pytest.mark.slow
+def test_torch_ddp_baseline_runs_on_digits_shards(digits_dir):
+    cfg = load_config(None, DEFAULTS + [
+        "model.size=tiny", "model.hidden_size=0", "model.depth=0", "model.image_size=8", "data.batch_size=8",
+        f"data.train_shards={digits_dir}/train-{{000000..000003}}.tar", "train.steps=6", "train.log_every=2"])
+    assert torch_samples_per_s(cfg, 2, warmup=2) > 0
+
+
+@pytest.mark.slow
+def test_zero3_holds_half_the_parameter_bytes_of_zero0(ray_cluster):
+    from dtrain.bench.zero import run
+
+    rows, summary = run(stages=(0, 3), num_workers=2, overrides=["model.size=tiny"])
+    zero0, zero3 = rows
+    assert (zero0["stage"], zero3["stage"]) == (0, 3)
+    assert zero0["params_B"] == pytest.approx(2.0, rel=0.01)  # bf16 weights, all of them on every rank
+    assert zero3["params_B"] / zero0["params_B"] == pytest.approx(0.5, rel=0.05)
+    assert zero0["optimizer_B"] == pytest.approx(12.0, rel=0.01)  # fp32 master + two Adam moments
+    assert zero3["optimizer_B"] == pytest.approx(6.0, rel=0.05)
+    assert summary["params"] > 0 and zero3["peak_rss_mb"] > 0
