@@ -168,6 +168,38 @@ def bench_scaling(as_json, width, depth, attn_every, repeats):
     click.echo(emit(rows, as_json, summary))
 
 
+@bench.command("train")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--steps", default=100, show_default=True)
+@click.option("--warmup", default=20, show_default=True, help="Untimed steps at the start of every run.")
+@click.option("--log-every", default=10, show_default=True)
+@click.argument("overrides", nargs=-1)
+def bench_train(as_json, steps, warmup, log_every, overrides):
+    """Samples/s: plain PyTorch loop, torch DDP x2, dtrain with 1 and 2 workers (same model and data)."""
+    from dtrain.bench import emit
+    from dtrain.bench.train import run
+
+    rows, summary = run(steps=steps, warmup=warmup, log_every=log_every, overrides=list(overrides))
+    click.echo(emit(rows, as_json, summary))
+
+
+@bench.command("zero")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--stages", default="0,1,2,3", show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--precision", default="bf16", show_default=True)
+@click.option("--steps", default=2, show_default=True)
+@click.argument("overrides", nargs=-1)
+def bench_zero(as_json, stages, workers, precision, steps, overrides):
+    """Per-rank model-state bytes per parameter for ZeRO stages, against the ZeRO paper's formula."""
+    from dtrain.bench import emit
+    from dtrain.bench.zero import run
+
+    rows, summary = run(stages=tuple(int(s) for s in stages.split(",")), num_workers=workers,
+                        precision=precision, steps=steps, overrides=list(overrides))
+    click.echo(emit(rows, as_json, summary))
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.option("--host", default=None, help="Bind address (default: serve.host).")

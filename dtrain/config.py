@@ -41,6 +41,7 @@ class DataConfig:
     batch_size: int = 64  # per worker
     shuffle_buffer: int = 512  # in-memory sample shuffle buffer per worker
     loader_workers: int = 0  # torch DataLoader processes per Ray worker (0 = in the training process)
+    on_corrupt: str = "skip"  # a shard that cannot be read: skip (warn and count) | fail
 
 
 @dataclass
@@ -60,8 +61,12 @@ class TrainConfig:
     warmup_steps: int = 50  # linear LR warmup
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     ema_decay: float = 0.999  # EMA of weights used for sampling and serving
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = batch_size x this x workers)
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    precision: str = "bf16"  # bf16 | fp32 (bf16 runs 1.6-1.8x faster on AMX CPUs)
+    precision: str = "bf16"  # bf16 | fp32 | fp16 (GPU only; bf16 runs 1.6-1.8x faster on AMX CPUs)
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer state and step on the CPU (DeepSpeedCPUAdam)
+    offload_params: bool = False  # ZeRO-3: parameters live in CPU memory between uses
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     seed: int = 0
     log_every: int = 10  # steps between metric reports
     ckpt_every: int = 250  # steps between checkpoints (and one at the end)
@@ -180,7 +185,15 @@ def validate(cfg: Config) -> None:
     _check(cfg.objective.time_sampling in ("uniform", "logit_normal"), "objective.time_sampling",
            "must be uniform or logit_normal")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not 0, 1, 2 or 3")
-    _check(t.precision in ("bf16", "fp32"), "train.precision", f"'{t.precision}' is not bf16 or fp32")
+    _check(t.precision in ("bf16", "fp32", "fp16"), "train.precision", f"'{t.precision}' is not bf16, fp32 or fp16")
+    _check(t.precision != "fp16" or cfg.scaling.use_gpu, "train.precision",
+           "fp16 needs scaling.use_gpu=true (its loss scaler is a GPU path); use bf16 on CPU")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1")
+    _check(not t.offload_params or t.zero_stage == 3, "train.offload_params",
+           f"needs train.zero_stage=3 (got {t.zero_stage}): only ZeRO-3 partitions parameters")
+    _check(not t.offload_optimizer or t.zero_stage >= 1, "train.offload_optimizer",
+           "needs train.zero_stage >= 1: ZeRO-0 does not partition optimizer state")
+    _check(cfg.data.on_corrupt in ("skip", "fail"), "data.on_corrupt", "must be skip or fail")
     _check(t.steps > 0, "train.steps", "must be positive")
     _check(t.lr > 0, "train.lr", "must be positive")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")

@@ -28,6 +28,10 @@ def test_yaml_file_then_overrides(tmp_path):
     ("model.image_size=15", "model.image_size"),
     ("train.precision=fp8", "train.precision"),
     ("objective.name=gan", "objective.name"),
+    ("train.offload_params=true", "train.offload_params"),  # ZeRO-3 only
+    ("train.precision=fp16", "train.precision"),  # GPU only
+    ("train.grad_accum_steps=0", "train.grad_accum_steps"),
+    ("data.on_corrupt=ignore", "data.on_corrupt"),
 ])
 def test_bad_override_names_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
@@ -55,3 +59,21 @@ def test_cli_prints_resolved_config_and_rejects_bad_keys(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dtrain.cli", "config", "configs/quickstart.yaml", "train.nope=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "train.nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_deepspeed_config_follows_the_typed_config():
+    from dtrain.train.deepspeed_glue import deepspeed_config, lr_lambda
+
+    cfg = load_config(None, ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true",
+                             "train.grad_accum_steps=4", "data.batch_size=8", "train.precision=fp32"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 8 * 4 * 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert ds["optimizer"]["type"] == "AdamW" and not ds["bf16"]["enabled"]  # offload needs DeepSpeed's CPU Adam
+    plain = deepspeed_config(load_config(None, ["train.zero_stage=1"]), world_size=2)
+    assert "optimizer" not in plain and plain["zero_allow_untested_optimizer"] and plain["bf16"]["enabled"]
+    # reduce buckets are kept small: the default is a 2 GB fp32 buffer per rank
+    assert plain["zero_optimization"]["reduce_bucket_size"] <= 5e6
+    f = lr_lambda(load_config(None, ["train.steps=100", "train.warmup_steps=10"]))
+    assert f(0) == 0.1 and f(9) == 1.0 and abs(f(99) - 0.1) < 1e-3 and f(50) < f(20)

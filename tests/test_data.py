@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dtrain.data.shards import DataError, epoch_dataset, expand_urls, load_images, train_batches, write_shards
+from dtrain.data.shards import CorruptShards, DataError, epoch_dataset, expand_urls, load_images, train_batches, write_shards
 
 URLS = "train-{000000..000003}.tar"
 
@@ -59,9 +59,13 @@ def test_corrupt_shard_is_skipped_with_a_warning(tmp_path):
     img = np.zeros((8, 8), np.uint8)
     write_shards(((img + i, i % 10) for i in range(20)), str(tmp_path / "s-%06d.tar"), per_shard=10)
     (tmp_path / "s-000001.tar").write_bytes(b"this is not a tar file" * 50)
-    with pytest.warns(UserWarning):
-        got = samples_of(f"{tmp_path}/s-{{000000..000001}}.tar", 0, 1)
-    assert len(got) == 10  # the good shard, whole
+    urls = f"{tmp_path}/s-{{000000..000001}}.tar"
+    counter = CorruptShards()
+    with pytest.warns(UserWarning, match="corrupt"):
+        got = [x for x, _ in epoch_dataset(urls, 0, 1, 0, 0, 1, 8, on_corrupt=counter)]
+    assert len(got) == 10 and counter.count == 1  # the good shard, whole; the bad one counted
+    with pytest.raises(DataError, match="on_corrupt=fail"):
+        list(epoch_dataset(urls, 0, 1, 0, 0, 1, 8, on_corrupt=CorruptShards(fail=True)))
 
 
 def test_written_samples_are_png_and_label(tmp_path):

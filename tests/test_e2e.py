@@ -115,9 +115,10 @@ def test_zero3_with_sharded_ema_matches_zero2(ray_cluster, digits_dir, tmp_path)
 def test_worker_killed_mid_run_is_replaced_and_training_resumes_exactly(ray_cluster, digits_dir, tmp_path):
     """The last rank exits abruptly before step 7 (after a checkpoint at 4 and a log line at 6).
     Ray Train restarts the group, it resumes from step 4, and the final weights equal an
-    uninterrupted run's; the logged steps stay contiguous."""
+    uninterrupted run's; the logged steps stay contiguous. Two micro-batches per step, so the
+    data stream must skip exactly the consumed micro-batches."""
     common = tiny_overrides(digits_dir, tmp_path) + ["train.steps=8", "train.ckpt_every=4", "train.precision=fp32",
-                                                      "train.ema_decay=0.9"]
+                                                      "train.ema_decay=0.9", "train.grad_accum_steps=2"]
     crashed = load_config("configs/quickstart.yaml", common + ["train.run_name=crash", "train.max_failures=1",
                                                                "train.fault_drill_step=6"])
     clean = load_config("configs/quickstart.yaml", common + ["train.run_name=clean"])

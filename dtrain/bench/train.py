@@ -55,6 +55,7 @@ def torch_worker(rank: int, world: int, cfg_yaml: str, warmup: int, port: int, q
     torch.manual_seed(t.seed)
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     net = build_model(cfg.model).to(dtype)
+    net.grad_checkpointing = t.activation_checkpointing
     params = list(net.parameters())
     master = [p.detach().float().requires_grad_() for p in params] if dtype != torch.float32 else params
     opt = torch.optim.AdamW(master, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
@@ -92,7 +93,7 @@ def torch_worker(rank: int, world: int, cfg_yaml: str, warmup: int, port: int, q
                 torch._foreach_copy_(params, master)
         ema.update(step)
         window_loss += loss.detach()
-        if (step + 1) % t.log_every == 0:  # dtrain's per-window loss reduction
+        if (step + 1) % t.log_every == 0:  # dtrain's per-window loss reduction, a sync point
             if world > 1:
                 dist.all_reduce(window_loss)
             window_loss.item()
@@ -143,6 +144,9 @@ def run(steps: int = 100, warmup: int = 20, log_every: int = 10,
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, DEFAULTS + [*overrides, f"train.steps={steps}", f"train.log_every={log_every}",
                                             f"train.ckpt_every={steps}", f"train.storage_path={tmp}/runs"])
+        if cfg.train.precision == "fp16" or cfg.train.grad_accum_steps != 1:
+            raise ValueError("the torch baselines do one micro-batch per step in bf16 or fp32 on CPU: "
+                             "set train.grad_accum_steps=1 and train.precision=bf16|fp32")
         n_shards = 4
         write_digits(Path(tmp) / "digits", image_size=cfg.model.image_size, train_shards=n_shards)
         cfg = replace(cfg, data=replace(cfg.data, train_shards=f"{tmp}/digits/train-{{000000..{n_shards - 1:06d}}}.tar",

@@ -1,8 +1,8 @@
 """`dtrain bench zero`: model-state bytes per parameter on each rank at ZeRO stages 0-3, measured
 on real DeepSpeed engines under Ray Train, against the ZeRO paper's formula.
 
-How the bytes are counted (`model_state_bytes`), on every rank, after two optimizer steps (so Adam
-state exists) and at the end of a third backward pass (so gradients are live; the step is not taken):
+How the bytes are counted (`model_state_bytes`), on every rank, after `steps` optimizer steps (so
+Adam state exists) and at the end of one more backward pass (gradients live; that step is not taken):
 
 - params: each module parameter's local storage: `p.ds_tensor` under ZeRO-3 (this rank's
   partition), else the parameter itself (under ZeRO 1/2 a view into DeepSpeed's flat bf16 buffer).
@@ -37,8 +37,10 @@ from dtrain.train.deepspeed_glue import deepspeed_config, wrap_deepspeed
 
 # The ZeRO paper's model-state accounting (Rajbhandari et al. 2020, Sec. 3.1 and Fig. 1): per
 # parameter, P bytes of weights, P of gradients and K of optimizer state. Mixed-precision Adam:
-# P = 2 (bf16/fp16), K = 12 (fp32 master, momentum, variance). Plain fp32 Adam: P = 4, K = 8.
-PAPER_BYTES = {"bf16": (2, 12), "fp32": (4, 8)}
+# P = 2 (bf16/fp16), K = 12 (fp32 master, momentum, variance). Plain fp32 Adam: P = 4, K = 8
+# (DeepSpeed's ZeRO 1-3 keep an fp32 master partition even in fp32, so they measure above that).
+PAPER_BYTES = {"bf16": (2, 12), "fp16": (2, 12), "fp32": (4, 8)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 DEFAULTS = ["model.arch=dit", "model.size=S", "model.image_size=16", "model.in_channels=1",
             "model.patch_size=2", "data.batch_size=8"]  # DiT-S/2 on 16x16: 32.5M params
@@ -78,7 +80,8 @@ def model_state_bytes(module: torch.nn.Module, optimizer) -> dict[str, int]:
         visited.add(id(obj))
         if isinstance(obj, torch.Tensor):
             add(obj, "grads" if is_grad else "optimizer")
-            walk(obj.grad, True, depth + 1)
+            if obj.is_leaf:  # only leaves keep a .grad (reading it elsewhere warns)
+                walk(obj.grad, True, depth + 1)
         elif isinstance(obj, dict):
             for key, value in obj.items():
                 walk(key, is_grad, depth + 1)
@@ -113,7 +116,7 @@ def zero_worker(cfg_dict: dict) -> list[dict] | None:
     n_params = sum(p.numel() for p in net.parameters())
     engine = wrap_deepspeed(net, cfg, world)
     loss_fn = build_objective(cfg.objective)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    dtype = DTYPES[cfg.train.precision]
     x = torch.randn(cfg.data.batch_size, m.in_channels, m.image_size, m.image_size)
     y = torch.randint(0, m.num_classes, (cfg.data.batch_size,))
     for step in range(cfg_dict["steps"] + 1):
@@ -146,6 +149,7 @@ def run(stages: tuple[int, ...] = (0, 1, 2, 3), num_workers: int = 2, precision:
     """One row per stage. `overrides` are dtrain config `key=value`s on top of DEFAULTS (DiT-S/2,
     16x16x1). Per-rank figures are the largest rank's: the one that has to fit in memory."""
     base = load_config(None, DEFAULTS + [f"train.precision={precision}", *overrides])
+    precision = base.train.precision  # an override may have changed it
     rows, info, stage0 = [], {}, None
     for stage in sorted(stages):
         ranks = measure(replace(base, train=replace(base.train, zero_stage=stage)), num_workers, steps)

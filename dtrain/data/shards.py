@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -49,6 +50,21 @@ def expand_urls(urls: str) -> list[str]:
     return shards
 
 
+class CorruptShards:
+    """Handler for unreadable tar data: warn, count and go on, or stop the run (on_corrupt=fail).
+    With loader_workers > 0 each loader process keeps its own count."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.count = fail, 0
+
+    def __call__(self, exn: Exception) -> bool:
+        if self.fail:
+            raise DataError(f"corrupt shard data (data.on_corrupt=fail): {exn}") from exn
+        self.count += 1
+        warnings.warn(f"skipping corrupt shard data ({self.count} so far on this rank): {exn}")
+        return True
+
+
 def absolute_urls(urls: str) -> str:
     """Local shard paths made absolute, since Ray workers do not run in the driver's directory."""
     return "::".join(p if "://" in p else os.path.abspath(p) for p in urls.split("::"))
@@ -62,8 +78,8 @@ def _decode(sample: dict) -> tuple[torch.Tensor, int]:
 
 
 def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch_size: int,
-                  shuffle_buffer: int) -> wds.DataPipeline:
-    """One epoch of this rank's batches. Shards whose tar is corrupt are skipped with a warning."""
+                  shuffle_buffer: int, on_corrupt: CorruptShards | None = None) -> wds.DataPipeline:
+    """One epoch of this rank's batches. Corrupt tar data goes to `on_corrupt` (default: skip and warn)."""
     shards = expand_urls(urls)
     if len(shards) < world:
         raise DataError(f"{len(shards)} shard(s) for {world} workers: every worker needs one; write more shards")
@@ -71,7 +87,7 @@ def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch
     return wds.DataPipeline(
         wds.SimpleShardList(shards[rank::world]),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=on_corrupt or CorruptShards()),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}/{epoch}/{rank}")),
         wds.map(_decode),
         wds.batched(batch_size, partial=False),
@@ -79,12 +95,13 @@ def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch
 
 
 def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, shuffle_buffer: int,
-                  loader_workers: int = 0, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  loader_workers: int = 0, skip: int = 0,
+                  on_corrupt: CorruptShards | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless stream of (x [B, C, H, W] in [-1, 1], labels [B]) for this rank, epoch after epoch.
     `skip` batches are dropped first: that is how a resumed run continues where it stopped."""
     epoch, seen = 0, 0
     while True:
-        ds = epoch_dataset(urls, rank, world, epoch, seed, batch_size, shuffle_buffer)
+        ds = epoch_dataset(urls, rank, world, epoch, seed, batch_size, shuffle_buffer, on_corrupt)
         loader = wds.WebLoader(ds, batch_size=None, num_workers=loader_workers) if loader_workers else ds
         produced = 0
         for x, y in loader:

@@ -10,7 +10,7 @@ from dtrain.config import Config
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """A pure function of the config, so its errors surface in the driver before any worker starts."""
+    """A pure function of the (validated) config; the driver builds it before any worker starts."""
     t = cfg.train
     zero: dict = {
         "stage": t.zero_stage,
@@ -22,18 +22,27 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if t.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=5e6, stage3_param_persistence_threshold=0,
                     stage3_gather_16bit_weights_on_model_save=False)
-    return {
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.data.batch_size * world_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum_steps * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
-        # We hand DeepSpeed torch's AdamW: no JIT-built fused op to compile on CPU machines.
-        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0},  # 0: dynamic loss scaling
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if t.offload_optimizer:  # offloading needs DeepSpeed's own CPU Adam (a JIT-built op)
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas),
+                                                       "weight_decay": t.weight_decay}}
+    else:  # torch's AdamW as a client optimizer: no fused op to compile on CPU machines
+        ds["zero_allow_untested_optimizer"] = True
+    return ds
 
 
 def lr_lambda(cfg: Config):
@@ -56,8 +65,10 @@ def wrap_deepspeed(net: torch.nn.Module, cfg: Config, world_size: int):
     import deepspeed
 
     t = cfg.train
-    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world_size), dist_init_required=False)
+    ds = deepspeed_config(cfg, world_size)
+    opt = None if "optimizer" in ds else torch.optim.AdamW(
+        net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=net, optimizer=opt, config=ds, dist_init_required=False,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)))
     return engine

@@ -10,13 +10,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import ray.train
 import torch
 import torch.distributed as dist
 
 from dtrain import checkpoint as ckpt_io
 from dtrain.config import Config, from_yaml, to_dict
-from dtrain.data.shards import train_batches
+from dtrain.data.shards import CorruptShards, train_batches
 from dtrain.diffusion import build_objective
 from dtrain.diffusion.samplers import generate, initial_noise
 from dtrain.images import grid, to_uint8
@@ -52,10 +53,11 @@ def train_func(cfg_dict: dict) -> None:
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     net = build_model(cfg.model)
+    net.grad_checkpointing = t.activation_checkpointing
     engine = wrap_deepspeed(net, cfg, world)
     ema = EMA(engine.module, t.ema_decay)
     loss_fn = build_objective(cfg.objective)
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
 
     def model_fn(x, time, cond):  # the objective sees fp32 in and out, whatever the precision
         return engine(x.to(dtype), time, cond).float()
@@ -72,21 +74,24 @@ def train_func(cfg_dict: dict) -> None:
         print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {count_params(net) / 1e6:.2f}M params, "
               f"{world} workers, ZeRO-{t.zero_stage}, {t.precision}, steps {start}->{t.steps}", flush=True)
 
+    accum = t.grad_accum_steps
+    corrupt = CorruptShards(fail=cfg.data.on_corrupt == "fail")
     batches = train_batches(cfg.data.train_shards, rank, world, t.seed, cfg.data.batch_size,
-                            cfg.data.shuffle_buffer, cfg.data.loader_workers, skip=start)
+                            cfg.data.shuffle_buffer, cfg.data.loader_workers, skip=start * accum, on_corrupt=corrupt)
     bar = _progress(rank, start, t.steps)
     engine.train()
     window_start, window_loss = time.perf_counter(), torch.zeros(())
     for step in range(start, t.steps):
         if t.fault_drill_step and step == t.fault_drill_step and rank == world - 1:
             _fault_drill(run_dir)
-        torch.manual_seed(step_seed(t.seed, rank, step))
-        x, y = next(batches)
-        loss = loss_fn(model_fn, x, y).mean()
-        engine.backward(loss)
-        engine.step()
+        for micro in range(accum):  # DeepSpeed steps the optimizer after the last micro-batch only
+            torch.manual_seed(step_seed(t.seed, rank, step * accum + micro))
+            x, y = next(batches)
+            loss = loss_fn(model_fn, x, y).mean()
+            engine.backward(loss)
+            engine.step()
+            window_loss += loss.detach() / accum
         ema.update(step)
-        window_loss += loss.detach()
         done = step + 1
 
         if done % t.log_every == 0 or done == t.steps:
@@ -95,7 +100,8 @@ def train_func(cfg_dict: dict) -> None:
             elapsed = time.perf_counter() - window_start
             metrics = {"loss": window_loss.item() / (n * world), "lr": engine.get_lr()[0],
                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                       "samples_per_s": n * cfg.data.batch_size * world / elapsed, "step_time_s": elapsed / n}
+                       "samples_per_s": n * cfg.data.batch_size * accum * world / elapsed, "step_time_s": elapsed / n,
+                       "rss_mb": psutil.Process().memory_info().rss / 2**20, "corrupt_shards": corrupt.count}
             tracker.log(metrics, done)
             if bar:
                 bar.set_description(f"train loss {metrics['loss']:.4f} | {metrics['samples_per_s']:.0f} samples/s")
