@@ -179,7 +179,9 @@ def bench_train(as_json, steps, warmup, log_every, overrides):
     from dtrain.bench import emit
     from dtrain.bench.train import run
 
-    rows, summary = run(steps=steps, warmup=warmup, log_every=log_every, overrides=list(overrides))
+    # Ray starts only after the torch baselines; with --json its workers' logs stay off stdout.
+    rows, summary = run(steps=steps, warmup=warmup, log_every=log_every, overrides=list(overrides),
+                        log_to_driver=not as_json)
     click.echo(emit(rows, as_json, summary))
 
 
@@ -194,7 +196,9 @@ def bench_zero(as_json, stages, workers, precision, steps, overrides):
     """Per-rank model-state bytes per parameter for ZeRO stages, against the ZeRO paper's formula."""
     from dtrain.bench import emit
     from dtrain.bench.zero import run
+    from dtrain.runtime import ensure_ray
 
+    ensure_ray(log_to_driver=not as_json)  # JSON on stdout must not mix with workers' logs
     rows, summary = run(stages=tuple(int(s) for s in stages.split(",")), num_workers=workers,
                         precision=precision, steps=steps, overrides=list(overrides))
     click.echo(emit(rows, as_json, summary))

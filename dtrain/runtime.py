@@ -6,13 +6,14 @@ import os
 import ray
 
 
-def ensure_ray(address: str | None = None, num_cpus: float | None = None) -> None:
-    """Connect to `address`, or start a local cluster with at least `num_cpus` logical CPUs."""
+def ensure_ray(address: str | None = None, num_cpus: float | None = None, log_to_driver: bool = True) -> None:
+    """Connect to `address`, or start a local cluster with at least `num_cpus` logical CPUs.
+    log_to_driver=False keeps workers' output out of this process's stdout (for --json output)."""
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         # "local": a new cluster of our own, even where `ray start` left one running on this machine.
         # The dashboard stays on: Ray Train V2 queries its state API to clean up placement groups.
-        ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1))
+        ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1), log_to_driver=log_to_driver)

@@ -31,6 +31,7 @@ from dtrain.data.digits import write_digits
 from dtrain.data.shards import train_batches
 from dtrain.diffusion import build_objective
 from dtrain.models import build_model, count_params
+from dtrain.runtime import ensure_ray
 from dtrain.train.deepspeed_glue import lr_lambda
 from dtrain.train.driver import fit, run_dir
 from dtrain.train.ema import EMA
@@ -135,7 +136,7 @@ def dtrain_samples_per_s(cfg: Config, workers: int, warmup: int) -> float:
 
 
 def run(steps: int = 100, warmup: int = 20, log_every: int = 10,
-        overrides: tuple[str, ...] | list[str] = ()) -> tuple[list[dict], dict]:
+        overrides: tuple[str, ...] | list[str] = (), log_to_driver: bool = True) -> tuple[list[dict], dict]:
     """Rows: plain, torch DDP x2, dtrain x1, dtrain x2, with samples/s in total and per worker and
     the per-worker ratio to the plain loop. `overrides` are dtrain config `key=value`s on top of
     DEFAULTS (the quickstart model); the data are always the bundled digits, so in_channels is 1."""
@@ -155,6 +156,7 @@ def run(steps: int = 100, warmup: int = 20, log_every: int = 10,
         runs = [("plain", 1, torch_samples_per_s(cfg, 1, warmup)),
                 ("torch DDP", 2, torch_samples_per_s(cfg, 2, warmup))]
         name = f"dtrain ZeRO-{cfg.train.zero_stage}"
+        ensure_ray(None, 2 * cfg.scaling.cpus_per_worker, log_to_driver=log_to_driver)
         runs += [(name, w, dtrain_samples_per_s(cfg, w, warmup)) for w in (1, 2)]
     plain = runs[0][2]
     rows = [{"run": run_name, "workers": w, "samples_per_s": round(sps, 1), "per_worker": round(sps / w, 1),
