@@ -67,6 +67,7 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state and step on the CPU (DeepSpeedCPUAdam)
     offload_params: bool = False  # ZeRO-3: parameters live in CPU memory between uses
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile the model inside the DeepSpeed engine (cold compile: tens of seconds)
     seed: int = 0
     log_every: int = 10  # steps between metric reports
     ckpt_every: int = 250  # steps between checkpoints (and one at the end)

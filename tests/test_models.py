@@ -30,13 +30,12 @@ def test_dit_depends_on_input_time_and_label_after_training_starts():
     assert not torch.allclose(base, net(x + 0.1, t, y))
 
 
-def test_label_dropout_only_in_training():
-    net = build_model(tiny(class_dropout=0.999))
-    emb = net.y_embed
+@pytest.mark.parametrize("arch", ["dit", "ssm"])
+def test_label_dropout_only_in_training(arch):
+    emb = build_model(tiny(arch=arch, class_dropout=0.999)).y_embed
     labels = torch.arange(10)
-    null = emb.table.weight[10]
     emb.train()
-    assert torch.allclose(emb(labels), null.expand(10, -1))
+    assert torch.allclose(emb(labels), emb.table.weight[10].expand(10, -1))  # the null label
     emb.eval()
     assert torch.allclose(emb(labels), emb.table.weight[:10])
 
@@ -62,19 +61,30 @@ def test_unpatchify_inverts_patch_order():
     assert torch.equal(unpatchify(tokens, 2, 3, 4), x)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def perturbed_net_and_inputs(arch: str):
+    """A tiny backbone moved off its zero init (so gradients flow everywhere), without label dropout."""
     torch.manual_seed(0)
-    net = build_model(tiny())
+    net = build_model(tiny(arch=arch))
     for p in net.parameters():
         p.data.add_(0.02 * torch.randn_like(p))
     net.y_embed.dropout = 0.0
-    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])
-    net(x, t, y).square().sum().backward()
-    ref = [p.grad.clone() for p in net.parameters()]
+    return net, (torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+
+
+def loss_and_grads(net, inputs):
     net.zero_grad()
+    out = net(*inputs)
+    out.square().sum().backward()
+    return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("arch", ["dit", "ssm"])
+def test_gradient_checkpointing_gives_same_gradients(arch):
+    net, inputs = perturbed_net_and_inputs(arch)
+    _, ref = loss_and_grads(net, inputs)
     net.grad_checkpointing = True
-    net(x, t, y).square().sum().backward()
-    for a, b in zip(ref, (p.grad for p in net.parameters())):
+    _, got = loss_and_grads(net, inputs)
+    for a, b in zip(ref, got):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -94,3 +104,16 @@ def test_flops_counter_reproduces_the_dit_paper_table():
     for row in rows:  # DiT paper, Table 4, 256px latents; the paper rounds to 2 decimals
         assert abs(row["gmacs"] - row["paper_gmacs"]) <= max(0.01 * row["paper_gmacs"], 0.005), row
     assert all(abs(r["rel_diff"]) < 0.01 for r in rows if r["model"].endswith("/2"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["dit", "ssm"])
+def test_backbones_work_under_torch_compile(arch):
+    net, inputs = perturbed_net_and_inputs(arch)
+    ref_out, ref_grads = loss_and_grads(net, inputs)
+    net.compile()
+    out, grads = loss_and_grads(net, inputs)
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert "_orig_mod" not in "".join(net.state_dict())  # in-place compile keeps checkpoint keys

@@ -105,28 +105,6 @@ def test_attention_block_count(attn_every, depth, n_attn):
     assert orders == [("row", "col", "zigzag")[i % 3] for i in range(len(orders))]
 
 
-def test_label_dropout_only_in_training():
-    net = ssm.build(tiny(class_dropout=0.999))
-    emb, labels = net.y_embed, torch.arange(10)
-    emb.train()
-    assert torch.allclose(emb(labels), emb.table.weight[10].expand(10, -1))
-    emb.eval()
-    assert torch.allclose(emb(labels), emb.table.weight[:10])
-
-
-def test_gradient_checkpointing_gives_same_gradients():
-    net = perturbed(ssm.build(tiny()))
-    net.y_embed.dropout = 0.0
-    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])
-    net(x, t, y).square().sum().backward()
-    ref = [p.grad.clone() for p in net.parameters()]
-    net.zero_grad()
-    net.grad_checkpointing = True
-    net(x, t, y).square().sum().backward()
-    for a, b in zip(ref, (p.grad for p in net.parameters())):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
 @pytest.mark.parametrize("name", list(ssm.SIZES))
 def test_sizes_match_dit_parameter_counts(name):
     cfg = ModelConfig(size=name, image_size=32, in_channels=4, patch_size=2, num_classes=1000)

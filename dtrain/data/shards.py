@@ -1,6 +1,7 @@
 """WebDataset shards: write (image, class) samples; read them back as batches split by rank.
 
-A sample is `{__key__, png, cls}`: a PNG image (grayscale or RGB) and an integer class label.
+A sample is `{__key__, png, cls}`: a PNG image (grayscale or RGB) and an integer class label, or
+`{__key__, latent.npy, cls}`: precomputed VAE latents [C, h, w] (written by `dtrain.data.latents`).
 Reading is deterministic: epoch e shuffles the shard list with (seed, e), rank r takes every
 world-th shard, DataLoader worker w every n-th of those, and the sample buffer is seeded too, so a
 resumed run can skip exactly the batches it already consumed.
@@ -71,6 +72,8 @@ def absolute_urls(urls: str) -> str:
 
 
 def _decode(sample: dict) -> tuple[torch.Tensor, int]:
+    if "latent.npy" in sample:  # latents are used as encoded: already scaled, no [-1, 1] mapping
+        return torch.tensor(np.load(io.BytesIO(sample["latent.npy"])), dtype=torch.float32), int(sample["cls"])
     img = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.float32) / 127.5 - 1.0  # [-1, 1]
     x = torch.from_numpy(img)
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # [C, H, W]
@@ -97,7 +100,8 @@ def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch
 def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, shuffle_buffer: int,
                   loader_workers: int = 0, skip: int = 0,
                   on_corrupt: CorruptShards | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless stream of (x [B, C, H, W] in [-1, 1], labels [B]) for this rank, epoch after epoch.
+    """Endless stream of (x [B, C, H, W], labels [B]) for this rank, epoch after epoch: images in
+    [-1, 1], or latents as stored.
     `skip` batches are dropped first: that is how a resumed run continues where it stopped."""
     epoch, seen = 0, 0
     while True:

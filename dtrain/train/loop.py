@@ -55,6 +55,8 @@ def train_func(cfg_dict: dict) -> None:
     net = build_model(cfg.model)
     net.grad_checkpointing = t.activation_checkpointing
     engine = wrap_deepspeed(net, cfg, world)
+    if t.compile:
+        engine.compile()  # DeepSpeed's own hook keeps parameter names (and so checkpoints) unchanged
     ema = EMA(engine.module, t.ema_decay)
     loss_fn = build_objective(cfg.objective)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
