@@ -54,7 +54,9 @@ def test_encode_shards_on_ray_matches_a_direct_encode(ray_cluster, tiny_vae, tmp
     src = write_digits(tmp_path / "img", image_size=16, train_shards=2)["train"]
     urls = f"{tmp_path}/img/train-{{000000..000001}}.tar"
     out = encode_shards(urls, tiny_vae, tmp_path / "lat", batch_size=128)
-    assert [p.rsplit("/", 1)[1] for p in out] == [p.rsplit("/", 1)[1] for p in src]
+    keys = lambda p: [s["__key__"] for s in wds.DataPipeline(wds.SimpleShardList([p]), wds.tarfile_to_samples())]
+    assert [p.rsplit("/", 1)[1] for p in out] == [p.rsplit("/", 1)[1] for p in src]  # shard names kept
+    assert [keys(p) for p in out] == [keys(p) for p in src]  # keys and their order kept
 
     x, y = load_images(urls)  # [N, 1, 16, 16] in [-1, 1], in shard order
     z, yz = load_images(f"{tmp_path}/lat/train-{{000000..000001}}.tar")

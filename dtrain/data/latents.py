@@ -81,10 +81,11 @@ class _ShardEncoder:
 
 
 def encode_shards(urls: str, vae_dir: str | Path, out_dir: str | Path, batch_size: int = 64,
-                  scaling_factor: float | None = None) -> list[str]:
+                  scaling_factor: float | None = None, address: str | None = None) -> list[str]:
     """Encode the image shards `urls` (brace patterns, '::'-joined) into latent shards in `out_dir`,
     spread over an actor pool as large as the cluster's CPUs (capped at the shard count).
-    scaling_factor: default the VAE config's. Returns the written shard paths, in input order."""
+    scaling_factor: default the VAE config's. address: a Ray cluster (default: a local one, or the
+    one this process is already connected to). Returns the written shard paths, in input order."""
     import ray
 
     from dtrain.runtime import ensure_ray
@@ -101,7 +102,7 @@ def encode_shards(urls: str, vae_dir: str | Path, out_dir: str | Path, batch_siz
     shift = float(cfg.get("shift_factor") or 0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    ensure_ray()
+    ensure_ray(address)
     actors = max(1, min(len(shards), int(ray.cluster_resources().get("CPU", 1))))
     rows = ray.data.from_items([{"src": s} for s in shards]).map_batches(
         _ShardEncoder, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=actors),

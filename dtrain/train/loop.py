@@ -53,6 +53,7 @@ def train_func(cfg_dict: dict) -> None:
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     net = build_model(cfg.model)
+    n_params = count_params(net)  # before ZeRO-3 empties the partitioned tensors
     net.grad_checkpointing = t.activation_checkpointing
     engine = wrap_deepspeed(net, cfg, world)
     if t.compile:
@@ -61,8 +62,8 @@ def train_func(cfg_dict: dict) -> None:
     loss_fn = build_objective(cfg.objective)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
 
-    def model_fn(x, time, cond):  # the objective sees fp32 in and out, whatever the precision
-        return engine(x.to(dtype), time, cond).float()
+    def model_fn(x, tt, cond):  # the objective sees fp32 in and out, whatever the precision
+        return engine(x.to(dtype), tt, cond).float()
 
     start = 0
     resume = ray.train.get_checkpoint()
@@ -73,7 +74,7 @@ def train_func(cfg_dict: dict) -> None:
         start = client["step"]
     tracker = make_tracker(cfg, rank, run_dir, to_dict(cfg), resume_step=start)
     if rank == 0:
-        print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {count_params(net) / 1e6:.2f}M params, "
+        print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {n_params / 1e6:.2f}M params, "
               f"{world} workers, ZeRO-{t.zero_stage}, {t.precision}, steps {start}->{t.steps}", flush=True)
 
     accum = t.grad_accum_steps
@@ -82,13 +83,13 @@ def train_func(cfg_dict: dict) -> None:
                             cfg.data.shuffle_buffer, cfg.data.loader_workers, skip=start * accum, on_corrupt=corrupt)
     bar = _progress(rank, start, t.steps)
     engine.train()
-    window_start, window_loss = time.perf_counter(), torch.zeros(())
+    window_start, window_loss = time.perf_counter(), torch.zeros((), device=engine.device)
     for step in range(start, t.steps):
         if t.fault_drill_step and step == t.fault_drill_step and rank == world - 1:
             _fault_drill(run_dir)
         for micro in range(accum):  # DeepSpeed steps the optimizer after the last micro-batch only
             torch.manual_seed(step_seed(t.seed, rank, step * accum + micro))
-            x, y = next(batches)
+            x, y = (v.to(engine.device) for v in next(batches))
             loss = loss_fn(model_fn, x, y).mean()
             engine.backward(loss)
             engine.step()
@@ -108,7 +109,7 @@ def train_func(cfg_dict: dict) -> None:
             if bar:
                 bar.set_description(f"train loss {metrics['loss']:.4f} | {metrics['samples_per_s']:.0f} samples/s")
                 bar.update(n)
-            window_start, window_loss = time.perf_counter(), torch.zeros(())
+            window_start, window_loss = time.perf_counter(), torch.zeros((), device=engine.device)
 
         if done % t.ckpt_every == 0 or done == t.steps:
             weights = ema.full_state_dict()  # a collective under ZeRO-3
