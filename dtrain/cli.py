@@ -53,6 +53,29 @@ def data_digits(out, image_size, train_shards):
     click.echo(f"wrote {len(shards['train'])} train and {len(shards['val'])} validation shards to {out}")
 
 
+@data.command("encode")
+@click.argument("shards")
+@click.option("--vae", "vae_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Local diffusers AutoencoderKL directory (from save_pretrained); nothing is downloaded.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the latent shards.")
+@click.option("--batch-size", default=64, show_default=True, help="Images per VAE forward pass.")
+@click.option("--scale", default=None, type=float, help="Latent scaling factor (default: the VAE config's).")
+@click.option("--address", default=None, help="Ray cluster address (default: start a local cluster).")
+def data_encode(shards, vae_dir, out, batch_size, scale, address):
+    """Encode image SHARDS (e.g. 'data/digits/train-{000000..000003}.tar') into VAE latent shards, as a
+    Ray Data job over every CPU of the cluster. Train on them with model.in_channels = the latent channels."""
+    import json
+
+    from dtrain.data.latents import encode_shards
+
+    try:
+        paths = encode_shards(shards, vae_dir, out, batch_size=batch_size, scaling_factor=scale, address=address)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    info = json.loads((Path(out) / "latents.json").read_text())
+    click.echo(f"wrote {len(paths)} latent shards ({info['count']} samples, shape {info['shape']}) to {out}")
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from dtrain.data.shards import DataError, load_images, train_batches
+from dtrain.data.shards import DataError, load_images, train_batches, write_shards
 
 
 def _npy(a):
@@ -27,11 +27,17 @@ def test_reader_returns_latents_as_stored(tmp_path):
     assert torch.allclose(x[1:], torch.from_numpy(z[1:]).float(), rtol=1e-3)
 
 
-def test_encode_names_a_missing_vae_before_starting_ray(digits_dir, tmp_path):
+def test_encode_names_bad_inputs_before_any_ray_work(tmp_path):
     from dtrain.data.latents import encode_shards
 
+    write_shards([(np.zeros((8, 8, 3), np.uint8), 0)], str(tmp_path / "rgb-%06d.tar"), per_shard=1)
+    urls = f"{tmp_path}/rgb-000000.tar"
     with pytest.raises(DataError, match="no config.json"):
-        encode_shards(f"{digits_dir}/val-000000.tar", tmp_path / "nope", tmp_path / "out")
+        encode_shards(urls, tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"in_channels": 4}')
+    with pytest.raises(DataError, match="3-channel images for a VAE that takes 4"):
+        encode_shards(urls, tmp_path / "vae", tmp_path / "out")
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dtrain.data.shards import DataError, _decode, absolute_urls, expand_urls
+from dtrain.data.shards import DataError, decode_sample, absolute_urls, expand_urls, load_images
 
 
 def load_vae(vae_dir: str | Path):
@@ -51,12 +51,9 @@ class _ShardEncoder:
 
     @torch.no_grad()
     def _encode(self, chunk: list[dict]) -> np.ndarray:
-        x = torch.stack([_decode(s)[0] for s in chunk])  # [B, C, H, W] in [-1, 1]
-        want = self.vae.config.in_channels
-        if x.shape[1] != want:
-            if x.shape[1] != 1:
-                raise DataError(f"{x.shape[1]}-channel images for a VAE that takes {want} channels")
-            x = x.expand(-1, want, -1, -1)  # grayscale -> the VAE's channels
+        x = torch.stack([decode_sample(s)[0] for s in chunk])  # [B, C, H, W] in [-1, 1]
+        if x.shape[1] == 1:
+            x = x.expand(-1, self.vae.config.in_channels, -1, -1)  # grayscale -> the VAE's channels
         z = (self.vae.encode(x).latent_dist.mean - self.shift) * self.scale  # [B, c, h, w]
         return z.float().numpy()
 
@@ -100,6 +97,10 @@ def encode_shards(urls: str, vae_dir: str | Path, out_dir: str | Path, batch_siz
     cfg = json.loads((vae_dir / "config.json").read_text())
     scale = float(cfg.get("scaling_factor", 1.0) if scaling_factor is None else scaling_factor)
     shift = float(cfg.get("shift_factor") or 0.0)
+    # checked here: inside an actor the same mistake surfaces as a long Ray Data traceback
+    channels, want = load_images(shards[0], limit=1)[0].shape[1], cfg.get("in_channels", 3)
+    if channels not in (1, want):
+        raise DataError(f"{channels}-channel images for a VAE that takes {want} channels ({vae_dir})")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     ensure_ray(address)

@@ -71,7 +71,7 @@ def absolute_urls(urls: str) -> str:
     return "::".join(p if "://" in p else os.path.abspath(p) for p in urls.split("::"))
 
 
-def _decode(sample: dict) -> tuple[torch.Tensor, int]:
+def decode_sample(sample: dict) -> tuple[torch.Tensor, int]:
     if "latent.npy" in sample:  # latents are used as encoded: already scaled, no [-1, 1] mapping
         return torch.tensor(np.load(io.BytesIO(sample["latent.npy"])), dtype=torch.float32), int(sample["cls"])
     img = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.float32) / 127.5 - 1.0  # [-1, 1]
@@ -92,7 +92,7 @@ def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=on_corrupt or CorruptShards()),
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}/{epoch}/{rank}")),
-        wds.map(_decode),
+        wds.map(decode_sample),
         wds.batched(batch_size, partial=False),
     )
 
@@ -122,7 +122,7 @@ def load_images(urls: str, limit: int | None = None) -> tuple[torch.Tensor, torc
     """All (or the first `limit`) samples of some shards, in order: for evaluation and tests."""
     xs, ys = [], []
     for sample in wds.DataPipeline(wds.SimpleShardList(expand_urls(urls)), wds.tarfile_to_samples()):
-        x, y = _decode(sample)
+        x, y = decode_sample(sample)
         xs.append(x)
         ys.append(y)
         if limit and len(xs) >= limit:
