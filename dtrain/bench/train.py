@@ -32,7 +32,7 @@ from dtrain.data.shards import train_batches
 from dtrain.diffusion import build_objective
 from dtrain.models import build_model, count_params
 from dtrain.runtime import ensure_ray
-from dtrain.train.deepspeed_glue import lr_lambda
+from dtrain.train.deepspeed_glue import PRECISION_DTYPES, lr_lambda
 from dtrain.train.driver import fit, run_dir
 from dtrain.train.ema import EMA
 from dtrain.train.loop import step_seed
@@ -54,7 +54,7 @@ def torch_worker(rank: int, world: int, cfg_yaml: str, warmup: int, port: int, q
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(t.seed)
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    dtype = PRECISION_DTYPES[t.precision]
     net = build_model(cfg.model).to(dtype)
     net.grad_checkpointing = t.activation_checkpointing
     params = list(net.parameters())

@@ -33,14 +33,13 @@ from dtrain.config import Config, from_yaml, load_config, to_yaml
 from dtrain.diffusion import build_objective
 from dtrain.models import build_model
 from dtrain.runtime import ensure_ray
-from dtrain.train.deepspeed_glue import deepspeed_config, wrap_deepspeed
+from dtrain.train.deepspeed_glue import PRECISION_DTYPES, deepspeed_config, wrap_deepspeed
 
 # The ZeRO paper's model-state accounting (Rajbhandari et al. 2020, Sec. 3.1 and Fig. 1): per
 # parameter, P bytes of weights, P of gradients and K of optimizer state. Mixed-precision Adam:
 # P = 2 (bf16/fp16), K = 12 (fp32 master, momentum, variance). Plain fp32 Adam: P = 4, K = 8
 # (DeepSpeed's ZeRO 1-3 keep an fp32 master partition even in fp32, so they measure above that).
 PAPER_BYTES = {"bf16": (2, 12), "fp16": (2, 12), "fp32": (4, 8)}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 DEFAULTS = ["model.arch=dit", "model.size=S", "model.image_size=16", "model.in_channels=1",
             "model.patch_size=2", "data.batch_size=8"]  # DiT-S/2 on 16x16: 32.5M params
@@ -116,7 +115,7 @@ def zero_worker(cfg_dict: dict) -> list[dict] | None:
     n_params = sum(p.numel() for p in net.parameters())
     engine = wrap_deepspeed(net, cfg, world)
     loss_fn = build_objective(cfg.objective)
-    dtype = DTYPES[cfg.train.precision]
+    dtype = PRECISION_DTYPES[cfg.train.precision]
     x = torch.randn(cfg.data.batch_size, m.in_channels, m.image_size, m.image_size)
     y = torch.randint(0, m.num_classes, (cfg.data.batch_size,))
     for step in range(cfg_dict["steps"] + 1):

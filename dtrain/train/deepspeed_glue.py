@@ -8,6 +8,9 @@ import torch
 
 from dtrain.config import Config
 
+# train.precision -> the dtype DeepSpeed keeps module weights (and expects inputs) in
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """A pure function of the (validated) config; the driver builds it before any worker starts."""

@@ -23,7 +23,7 @@ from dtrain.diffusion.samplers import generate, initial_noise
 from dtrain.images import grid, to_uint8
 from dtrain.models import build_model, count_params
 from dtrain.tracking import make_tracker
-from dtrain.train.deepspeed_glue import wrap_deepspeed
+from dtrain.train.deepspeed_glue import PRECISION_DTYPES, wrap_deepspeed
 from dtrain.train.ema import EMA
 
 
@@ -60,7 +60,7 @@ def train_func(cfg_dict: dict) -> None:
         engine.compile()  # DeepSpeed's own hook keeps parameter names (and so checkpoints) unchanged
     ema = EMA(engine.module, t.ema_decay)
     loss_fn = build_objective(cfg.objective)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
+    dtype = PRECISION_DTYPES[t.precision]
 
     def model_fn(x, tt, cond):  # the objective sees fp32 in and out, whatever the precision
         return engine(x.to(dtype), tt, cond).float()
