@@ -12,6 +12,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 
@@ -51,7 +52,9 @@ def submit(address: str, config: str, overrides: list[str], working_dir: str = "
     if follow:
         asyncio.run(_stream(client, job_id, out))
     status = client.get_job_status(job_id)
-    while follow and status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):  # the log stream can end just before the status flips
+    # The log stream can end just before the status flips: poll briefly, not in a tight loop.
+    while follow and status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(0.5)
         status = client.get_job_status(job_id)
     return job_id, status
 
