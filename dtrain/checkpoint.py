@@ -6,6 +6,8 @@ A checkpoint directory holds
     model.safetensors   EMA weights, consolidated (what sampling and serving load)
     meta.json           step, stage, parent checkpoint, what the weights are
     deepspeed/          each rank's ZeRO shard + optimizer and scheduler state (for resume only)
+    deepspeed_universal/  made only when the run resumes at another worker count: the same state
+                        as one file per parameter (DeepSpeed's universal checkpoint)
 `dtrain export` folds the first three into one .safetensors file (config and meta in its header),
 which loads anywhere a checkpoint directory does.
 Inference files are written to temporary names and renamed, so a crash never leaves a half file.
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from dtrain.config import Config, ConfigError, from_yaml, to_yaml
 
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, DEEPSPEED_DIR = "config.yaml", "model.safetensors", "meta.json", "deepspeed"
+UNIVERSAL_DIR, DEEPSPEED_TAG = "deepspeed_universal", "state"  # DeepSpeed's per-save subdirectory name
 EXPORT_CONFIG_KEY, EXPORT_META_KEY = "dtrain.config", "dtrain.meta"
 
 

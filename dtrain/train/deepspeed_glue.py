@@ -12,8 +12,9 @@ from dtrain.config import Config
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """A pure function of the (validated) config; the driver builds it before any worker starts."""
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    """A pure function of the (validated) config; the driver builds it before any worker starts.
+    `load_universal`: the engine will resume from a universal checkpoint (another worker count)."""
     t = cfg.train
     zero: dict = {
         "stage": t.zero_stage,
@@ -39,6 +40,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0},  # 0: dynamic loss scaling
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     if t.offload_optimizer:  # offloading needs DeepSpeed's own CPU Adam (a JIT-built op)
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas),
@@ -61,14 +63,14 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def wrap_deepspeed(net: torch.nn.Module, cfg: Config, world_size: int):
+def wrap_deepspeed(net: torch.nn.Module, cfg: Config, world_size: int, load_universal: bool = False):
     """Returns the DeepSpeed engine; it reuses the process group Ray Train already made."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     t = cfg.train
-    ds = deepspeed_config(cfg, world_size)
+    ds = deepspeed_config(cfg, world_size, load_universal)
     opt = None if "optimizer" in ds else torch.optim.AdamW(
         net.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     engine, _, _, _ = deepspeed.initialize(

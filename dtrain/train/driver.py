@@ -7,28 +7,30 @@ from pathlib import Path
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from dtrain.checkpoint import CheckpointError, read_meta
-from dtrain.config import Config, ConfigError, to_yaml
+from dtrain.checkpoint import CheckpointError, read_meta, resolve
+from dtrain.config import Config, to_yaml
 from dtrain.data.shards import absolute_urls, expand_urls
 from dtrain.runtime import ensure_ray
 from dtrain.train.deepspeed_glue import deepspeed_config
 from dtrain.train.loop import train_func
+from dtrain.train.universal import convert, needs_universal
 
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.storage_path).resolve() / cfg.train.run_name
 
 
-def _check_resumable(out: Path, num_workers: int) -> None:
-    """A run resumes at the worker count it was trained with: ZeRO shards and the per-rank data
-    order both depend on it."""
+def _prepare_resume(out: Path, num_workers: int) -> None:
+    """A run resumed at another worker count needs its ZeRO shards re-partitioned: convert the
+    checkpoint it resumes from to DeepSpeed's universal form, here, once, before workers start."""
     try:
-        meta = read_meta(out)
+        ckpt = resolve(out)
     except CheckpointError:
         return  # nothing to resume
-    if meta["world_size"] != num_workers:
-        raise ConfigError(f"scaling.num_workers: run {out} has checkpoints from {meta['world_size']} workers, "
-                          f"this launch asks for {num_workers}; resume with {meta['world_size']} or use a new train.run_name")
+    if needs_universal(ckpt, num_workers):
+        print(f"[dtrain] {ckpt.name} was written by {read_meta(ckpt)['world_size']} workers, this launch has "
+              f"{num_workers}: converting it to a DeepSpeed universal checkpoint", flush=True)
+        convert(ckpt)
 
 
 def fit(cfg: Config) -> Path:
@@ -41,7 +43,7 @@ def fit(cfg: Config) -> Path:
     if not s.address:
         expand_urls(cfg.data.train_shards)  # missing local shards fail here too
     out = run_dir(cfg)
-    _check_resumable(out, s.num_workers)
+    _prepare_resume(out, s.num_workers)
     ensure_ray(s.address, s.num_workers * s.cpus_per_worker)
     trainer = TorchTrainer(
         train_func,

@@ -25,6 +25,7 @@ from dtrain.models import build_model, count_params
 from dtrain.tracking import make_tracker
 from dtrain.train.deepspeed_glue import PRECISION_DTYPES, wrap_deepspeed
 from dtrain.train.ema import EMA
+from dtrain.train.universal import needs_universal, universal_dir
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -51,36 +52,44 @@ def train_func(cfg_dict: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
 
+    resume = ray.train.get_checkpoint()
+    universal = False
+    if resume:
+        with resume.as_directory() as d:
+            universal = needs_universal(Path(d), world)
+
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     net = build_model(cfg.model)
     n_params = count_params(net)  # before ZeRO-3 empties the partitioned tensors
     net.grad_checkpointing = t.activation_checkpointing
-    engine = wrap_deepspeed(net, cfg, world)
+    engine = wrap_deepspeed(net, cfg, world, load_universal=universal)
     if t.compile:
         engine.compile()  # DeepSpeed's own hook keeps parameter names (and so checkpoints) unchanged
     ema = EMA(engine.module, t.ema_decay)
     loss_fn = build_objective(cfg.objective)
     dtype = PRECISION_DTYPES[t.precision]
+    accum, global_batch = t.grad_accum_steps, cfg.data.batch_size * t.grad_accum_steps * world
 
     def model_fn(x, tt, cond):  # the objective sees fp32 in and out, whatever the precision
         return engine(x.to(dtype), tt, cond).float()
 
-    start = 0
-    resume = ray.train.get_checkpoint()
+    start, samples_seen = 0, 0
     if resume:
         with resume.as_directory() as d:
-            _, client = engine.load_checkpoint(str(Path(d) / ckpt_io.DEEPSPEED_DIR), tag="state")
-            ema.load_full_state_dict(ckpt_io.read_weights(d))
-        start = client["step"]
+            start, samples_seen = _restore(engine, ema, Path(d), universal, global_batch)
+        if universal and rank == 0:
+            print(f"[dtrain] resumed at step {start} on {world} workers from a universal checkpoint; "
+                  f"global batch now {global_batch}", flush=True)
     tracker = make_tracker(cfg, rank, run_dir, to_dict(cfg), resume_step=start)
     if rank == 0:
         print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {n_params / 1e6:.2f}M params, "
               f"{world} workers, ZeRO-{t.zero_stage}, {t.precision}, steps {start}->{t.steps}", flush=True)
 
-    accum = t.grad_accum_steps
     corrupt = CorruptShards(fail=cfg.data.on_corrupt == "fail")
     batches = train_batches(cfg.data.train_shards, rank, world, t.seed, cfg.data.batch_size,
-                            cfg.data.shuffle_buffer, cfg.data.loader_workers, skip=start * accum, on_corrupt=corrupt)
+                            cfg.data.shuffle_buffer, cfg.data.loader_workers, on_corrupt=corrupt,
+                            # the same number of samples as were consumed, at this run's worker count
+                            skip=samples_seen // (cfg.data.batch_size * world))
     bar = _progress(rank, start, t.steps)
     engine.train()
     window_start, window_loss = time.perf_counter(), torch.zeros((), device=engine.device)
@@ -95,7 +104,7 @@ def train_func(cfg_dict: dict) -> None:
             engine.step()
             window_loss += loss.detach() / accum
         ema.update(step)
-        done = step + 1
+        done, samples_seen = step + 1, samples_seen + global_batch
 
         if done % t.log_every == 0 or done == t.steps:
             n = done - max(start, (done - 1) // t.log_every * t.log_every)  # steps in this window
@@ -114,7 +123,8 @@ def train_func(cfg_dict: dict) -> None:
         if done % t.ckpt_every == 0 or done == t.steps:
             weights = ema.full_state_dict()  # a collective under ZeRO-3
             with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(str(Path(tmp) / ckpt_io.DEEPSPEED_DIR), tag="state", client_state={"step": done})
+                engine.save_checkpoint(str(Path(tmp) / ckpt_io.DEEPSPEED_DIR), tag=ckpt_io.DEEPSPEED_TAG,
+                                      client_state={"step": done, "samples_seen": samples_seen})
                 if rank == 0:
                     ckpt_io.write_inference_files(tmp, weights, cfg, {
                         "step": done, "stage": "pretrain", "objective": cfg.objective.name,
@@ -127,6 +137,15 @@ def train_func(cfg_dict: dict) -> None:
     if bar:
         bar.close()
     tracker.finish()
+
+
+def _restore(engine, ema: EMA, d: Path, universal: bool, global_batch: int) -> tuple[int, int]:
+    """Load engine (weights, optimizer, scheduler) and EMA state from checkpoint `d`; returns
+    (step, samples consumed so far). Checkpoints older than the samples count ran at one batch size."""
+    state_dir = universal_dir(d) if universal else d / ckpt_io.DEEPSPEED_DIR
+    _, client = engine.load_checkpoint(str(state_dir), tag=ckpt_io.DEEPSPEED_TAG)
+    ema.load_full_state_dict(ckpt_io.read_weights(d))
+    return client["step"], client.get("samples_seen", client["step"] * global_batch)
 
 
 def _fault_drill(run_dir: Path) -> None:
