@@ -73,6 +73,7 @@ class TrainConfig:
     ckpt_every: int = 250  # steps between checkpoints (and one at the end)
     max_failures: int = 0  # worker failures Ray Train recovers from by restarting the group
     fault_drill_step: int = 0  # fault drill: the last rank exits abruptly after this many steps, once per run dir (0 = off)
+    fault_drill_in_save: bool = False  # ...instead inside the checkpoint at that step, its own shard written, before it reports
 
 
 @dataclass
@@ -199,6 +200,9 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, "train.lr", "must be positive")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     _check(t.log_every > 0 and t.ckpt_every > 0, "train.log_every/ckpt_every", "must be positive")
+    _check(not t.fault_drill_in_save or (t.fault_drill_step > 0 and (t.fault_drill_step % t.ckpt_every == 0
+                                                                      or t.fault_drill_step == t.steps)),
+           "train.fault_drill_in_save", f"train.fault_drill_step={t.fault_drill_step} is not a checkpoint step")
     _check(cfg.data.batch_size > 0, "data.batch_size", "must be positive")
     _check(cfg.scaling.num_workers > 0, "scaling.num_workers", "must be positive")
     _check(cfg.tracking.mode in ("auto", "online", "offline", "disabled"), "tracking.mode",

@@ -23,16 +23,16 @@ def test_byte_accounting_of_a_plain_adamw():
     opt.step()
     got = model_state_bytes(net, opt)
     # Adam: exp_avg + exp_avg_sq (880 each) and a 0-dim fp32 step counter per parameter tensor
-    assert got == {"params": 880, "grads": 880, "optimizer": 2 * 880 + 2 * 4}
+    assert got == {"params": 880, "grads": 880, "optimizer": 2 * 880 + 2 * 4, "buffers": 0}
 
 
-def test_byte_accounting_counts_a_shared_storage_once_and_names_gradient_buffers():
+def test_byte_accounting_counts_a_shared_storage_once_and_sets_reduce_buckets_apart():
     flat = torch.zeros(100)
     net = torch.nn.Module()
     net.a, net.b = torch.nn.Parameter(flat[:60]), torch.nn.Parameter(flat[60:])  # views of one buffer
-    state = {"averaged_gradients": [torch.zeros(50)], "ipg_bucket": torch.zeros(10),
+    state = {"averaged_gradients": [torch.zeros(50)], "ipg_buckets": {"bf16": [torch.zeros(10)]},
              "master": [torch.zeros(100), flat[:10]], "moments": {"m": torch.zeros(25, dtype=torch.float64)}}
-    assert model_state_bytes(net, state) == {"params": 400, "grads": 200 + 40, "optimizer": 400 + 200}
+    assert model_state_bytes(net, state) == {"params": 400, "grads": 200, "optimizer": 400 + 200, "buffers": 40}
 
 
 def test_steady_throughput_skips_the_warmup_windows(tmp_path):
@@ -63,4 +63,5 @@ def test_zero3_holds_half_the_parameter_bytes_of_zero0(ray_cluster):
     assert zero3["params_B"] / zero0["params_B"] == pytest.approx(0.5, rel=0.05)
     assert zero0["optimizer_B"] == pytest.approx(12.0, rel=0.01)  # fp32 master + two Adam moments
     assert zero3["optimizer_B"] == pytest.approx(6.0, rel=0.05)
+    assert zero3["buffers_B"] > 0  # the reduce bucket, found and kept out of the model-state total
     assert summary["params"] > 0 and zero3["peak_rss_mb"] > 0

@@ -32,6 +32,7 @@ def test_yaml_file_then_overrides(tmp_path):
     ("train.precision=fp16", "train.precision"),  # GPU only
     ("train.grad_accum_steps=0", "train.grad_accum_steps"),
     ("data.on_corrupt=ignore", "data.on_corrupt"),
+    ("train.fault_drill_in_save=true", "train.fault_drill_in_save"),  # needs a checkpoint step
 ])
 def test_bad_override_names_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):

@@ -112,20 +112,32 @@ def test_zero3_with_sharded_ema_matches_zero2(ray_cluster, digits_dir, tmp_path)
     assert any((weights[2][k] != 0).any() for k in weights[2] if k.startswith("final"))  # really trained
 
 
-def test_worker_killed_mid_run_is_replaced_and_training_resumes_exactly(ray_cluster, digits_dir, tmp_path):
-    """The last rank exits abruptly before step 7 (after a checkpoint at 4 and a log line at 6).
-    Ray Train restarts the group, it resumes from step 4, and the final weights equal an
-    uninterrupted run's; the logged steps stay contiguous. Two micro-batches per step, so the
-    data stream must skip exactly the consumed micro-batches."""
-    common = tiny_overrides(digits_dir, tmp_path) + ["train.steps=8", "train.ckpt_every=4", "train.precision=fp32",
-                                                      "train.ema_decay=0.9", "train.grad_accum_steps=2"]
-    crashed = load_config("configs/quickstart.yaml", common + ["train.run_name=crash", "train.max_failures=1",
-                                                               "train.fault_drill_step=6"])
-    clean = load_config("configs/quickstart.yaml", common + ["train.run_name=clean"])
-    a, b = read_weights(fit(crashed)), read_weights(fit(clean))
+CRASH_COMMON = ["train.steps=8", "train.ckpt_every=4", "train.precision=fp32", "train.ema_decay=0.9",
+                "train.grad_accum_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, digits_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clean")
+    return read_weights(fit(load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp) + CRASH_COMMON
+                                        + ["train.run_name=clean"])))
+
+
+@pytest.mark.parametrize("drill", [["train.fault_drill_step=6"],
+                                   ["train.fault_drill_step=8", "train.fault_drill_in_save=true"]],
+                         ids=["mid-run", "mid-save"])
+def test_worker_killed_is_replaced_and_training_resumes_exactly(uninterrupted, digits_dir, tmp_path, drill):
+    """The last rank exits abruptly: before step 7 (mid-run), or inside the final checkpoint after
+    writing its own shard (mid-save; the unfinished save must not be resumed from). Ray Train
+    restarts the group from the checkpoint at step 4, and the final weights equal an uninterrupted
+    run's; the logged steps stay contiguous. Two micro-batches per step, so the data stream must
+    skip exactly the consumed micro-batches."""
+    crashed = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp_path) + CRASH_COMMON + drill
+                          + ["train.run_name=crash", "train.max_failures=1"])
+    a = read_weights(fit(crashed))
     assert (run_dir(crashed) / ".fault_drill_done").exists()  # the drill really fired
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+        assert torch.allclose(a[k], uninterrupted[k], rtol=0, atol=1e-6), k
     steps = [json.loads(line)["step"] for line in (run_dir(crashed) / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]
 

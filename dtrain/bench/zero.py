@@ -2,14 +2,19 @@
 on real DeepSpeed engines under Ray Train, against the ZeRO paper's formula.
 
 How the bytes are counted (`model_state_bytes`), on every rank, after `steps` optimizer steps (so
-Adam state exists) and at the end of one more backward pass (gradients live; that step is not taken):
+Adam state exists) and one more backward pass, the first micro-batch of the next step (gradients
+live; that step is not taken). With 2 micro-batches per step (the default) this is mid-accumulation,
+where each stage holds the gradients it keeps between micro-batches: stage 1 the full gradients,
+as the paper's formula assumes. With one micro-batch per step DeepSpeed's stage 1 reduces them
+into partitions at the step boundary and holds what stage 2 does.
 
 - params: each module parameter's local storage: `p.ds_tensor` under ZeRO-3 (this rank's
   partition), else the parameter itself (under ZeRO 1/2 a view into DeepSpeed's flat bf16 buffer).
 - grads: each parameter's `.grad`, then every tensor reachable from `engine.optimizer` whose path
-  names a gradient ("grad" or "ipg", DeepSpeed's gradient bucket) or that is a `.grad`. This
-  includes the fixed-size reduce bucket (`reduce_bucket_size` elements), so it is not exactly
-  proportional to the model.
+  names a gradient ("grad") or that is a `.grad`.
+- buffers: DeepSpeed's reduce buckets (`ipg_buckets`: `reduce_bucket_size` elements, whatever the
+  model size). The ZeRO paper (Sec. 3.2) counts such fused communication buffers as residual
+  state, not model state, so they are reported beside the total, not in it.
 - optimizer: every other tensor reachable from `engine.optimizer` (fp32 master copies, Adam
   moments, step counters, flat buffers), walking DeepSpeed and torch.optim objects, lists, tuples
   and dicts (keys too: torch optimizers key their state by parameter) to a depth limit.
@@ -42,7 +47,8 @@ from dtrain.train.deepspeed_glue import PRECISION_DTYPES, deepspeed_config, wrap
 PAPER_BYTES = {"bf16": (2, 12), "fp16": (2, 12), "fp32": (4, 8)}
 
 DEFAULTS = ["model.arch=dit", "model.size=S", "model.image_size=16", "model.in_channels=1",
-            "model.patch_size=2", "data.batch_size=8"]  # DiT-S/2 on 16x16: 32.5M params
+            "model.patch_size=2", "data.batch_size=8",  # DiT-S/2 on 16x16: 32.5M params
+            "train.grad_accum_steps=2"]  # measured mid-accumulation (see the module docstring)
 MAX_DEPTH = 6
 
 
@@ -53,9 +59,9 @@ def paper_bytes_per_param(stage: int, world: int, precision: str = "bf16") -> fl
 
 
 def model_state_bytes(module: torch.nn.Module, optimizer) -> dict[str, int]:
-    """{params, grads, optimizer} bytes held by this process (see the module docstring)."""
+    """{params, grads, optimizer, buffers} bytes held by this process (see the module docstring)."""
     seen: set[int] = set()
-    out = {"params": 0, "grads": 0, "optimizer": 0}
+    out = {"params": 0, "grads": 0, "optimizer": 0, "buffers": 0}
 
     def add(t: torch.Tensor | None, kind: str) -> None:
         if t is None:
@@ -73,31 +79,35 @@ def model_state_bytes(module: torch.nn.Module, optimizer) -> dict[str, int]:
 
     visited: set[int] = set()
 
-    def walk(obj, is_grad: bool, depth: int) -> None:
+    def walk(obj, kind: str, depth: int) -> None:
         if depth > MAX_DEPTH or id(obj) in visited or isinstance(obj, torch.nn.Module):
             return  # modules (the engine, the model) are counted above, through their parameters
         visited.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            add(obj, "grads" if is_grad else "optimizer")
+            add(obj, kind)
             if obj.is_leaf:  # only leaves keep a .grad (reading it elsewhere warns)
-                walk(obj.grad, True, depth + 1)
+                walk(obj.grad, "grads", depth + 1)
         elif isinstance(obj, dict):
             for key, value in obj.items():
-                walk(key, is_grad, depth + 1)
-                walk(value, is_grad or _names_grad(key), depth + 1)
+                walk(key, kind, depth + 1)
+                walk(value, _kind(key, kind), depth + 1)
         elif isinstance(obj, (list, tuple)):
             for value in obj:
-                walk(value, is_grad, depth + 1)
+                walk(value, kind, depth + 1)
         elif type(obj).__module__.startswith(("deepspeed", "torch.optim")) and hasattr(obj, "__dict__"):
             for name, value in vars(obj).items():
-                walk(value, is_grad or _names_grad(name), depth + 1)
+                walk(value, _kind(name, kind), depth + 1)
 
-    walk(optimizer, False, 0)
+    walk(optimizer, "optimizer", 0)
     return out
 
 
-def _names_grad(key) -> bool:
-    return isinstance(key, str) and ("grad" in key.lower() or "ipg" in key.lower())
+def _kind(key, parent: str) -> str:
+    """The category of what sits under attribute or dict key `key`: a path keeps the first it names."""
+    if parent != "optimizer" or not isinstance(key, str):
+        return parent
+    key = key.lower()
+    return "buffers" if "ipg" in key else "grads" if "grad" in key else parent
 
 
 def peak_rss_mb() -> float:
@@ -118,10 +128,11 @@ def zero_worker(cfg_dict: dict) -> list[dict] | None:
     dtype = PRECISION_DTYPES[cfg.train.precision]
     x = torch.randn(cfg.data.batch_size, m.in_channels, m.image_size, m.image_size)
     y = torch.randint(0, m.num_classes, (cfg.data.batch_size,))
-    for step in range(cfg_dict["steps"] + 1):
+    micro_batches = cfg_dict["steps"] * cfg.train.grad_accum_steps
+    for micro in range(micro_batches + 1):  # DeepSpeed steps the optimizer at each step's last micro-batch
         loss = loss_fn(lambda xt, t, c: engine(xt.to(dtype), t, c).float(), x, y).mean()
         engine.backward(loss)
-        if step < cfg_dict["steps"]:
+        if micro < micro_batches:
             engine.step()
     mine = {**model_state_bytes(engine.module, engine.optimizer), "n_params": n_params,
             "peak_rss_mb": peak_rss_mb(), "optimizer_class": type(engine.optimizer).__name__}
@@ -153,21 +164,23 @@ def run(stages: tuple[int, ...] = (0, 1, 2, 3), num_workers: int = 2, precision:
     for stage in sorted(stages):
         ranks = measure(replace(base, train=replace(base.train, zero_stage=stage)), num_workers, steps)
         n = ranks[0]["n_params"]
-        per = {k: max(r[k] for r in ranks) / n for k in ("params", "grads", "optimizer")}
+        per = {k: max(r[k] for r in ranks) / n for k in ("params", "grads", "optimizer", "buffers")}
         total = max(r["params"] + r["grads"] + r["optimizer"] for r in ranks) / n
         stage0 = total if stage == 0 else stage0
         paper = paper_bytes_per_param(stage, num_workers, precision) / paper_bytes_per_param(0, num_workers, precision)
         ratio = total / stage0 if stage0 else None  # only when stage 0 was measured in this run
         rows.append({"stage": stage, "params_B": round(per["params"], 3), "grads_B": round(per["grads"], 3),
                      "optimizer_B": round(per["optimizer"], 3), "total_B": round(total, 3),
+                     "buffers_B": round(per["buffers"], 3),
                      "ratio": ratio and round(ratio, 4), "paper_ratio": round(paper, 4),
                      "rel_dev": ratio and round(ratio / paper - 1, 4),
                      "peak_rss_mb": round(max(r["peak_rss_mb"] for r in ranks), 1)})
         info[f"optimizer_stage{stage}"] = ranks[0]["optimizer_class"]
         info["params"] = n
     m = base.model
-    summary = {"unit": "bytes per parameter per rank (largest rank)", "workers": num_workers, "precision": precision,
+    summary = {"unit": "bytes per parameter per rank (largest rank); total = params + grads + optimizer", "workers": num_workers, "precision": precision,
                "model": f"{m.arch}-{m.size}/{m.patch_size} {m.image_size}x{m.image_size}x{m.in_channels}",
+               "micro_batches_per_step": base.train.grad_accum_steps,
                "reduce_bucket_elems": deepspeed_config(base, num_workers)["zero_optimization"]["reduce_bucket_size"],
                **info}
     return rows, summary

@@ -7,30 +7,15 @@ from pathlib import Path
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from dtrain.checkpoint import CheckpointError, read_meta, resolve
 from dtrain.config import Config, to_yaml
 from dtrain.data.shards import absolute_urls, expand_urls
 from dtrain.runtime import ensure_ray
 from dtrain.train.deepspeed_glue import deepspeed_config
 from dtrain.train.loop import train_func
-from dtrain.train.universal import convert, needs_universal
 
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.storage_path).resolve() / cfg.train.run_name
-
-
-def _prepare_resume(out: Path, num_workers: int) -> None:
-    """A run resumed at another worker count needs its ZeRO shards re-partitioned: convert the
-    checkpoint it resumes from to DeepSpeed's universal form, here, once, before workers start."""
-    try:
-        ckpt = resolve(out)
-    except CheckpointError:
-        return  # nothing to resume
-    if needs_universal(ckpt, num_workers):
-        print(f"[dtrain] {ckpt.name} was written by {read_meta(ckpt)['world_size']} workers, this launch has "
-              f"{num_workers}: converting it to a DeepSpeed universal checkpoint", flush=True)
-        convert(ckpt)
 
 
 def fit(cfg: Config) -> Path:
@@ -43,7 +28,6 @@ def fit(cfg: Config) -> Path:
     if not s.address:
         expand_urls(cfg.data.train_shards)  # missing local shards fail here too
     out = run_dir(cfg)
-    _prepare_resume(out, s.num_workers)
     ensure_ray(s.address, s.num_workers * s.cpus_per_worker)
     trainer = TorchTrainer(
         train_func,

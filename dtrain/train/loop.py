@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain import checkpoint as ckpt_io
+from dtrain.checkpoint import UNIVERSAL_DIR
 from dtrain.config import Config, from_yaml, to_dict
 from dtrain.data.shards import CorruptShards, train_batches
 from dtrain.diffusion import build_objective
@@ -25,7 +27,7 @@ from dtrain.models import build_model, count_params
 from dtrain.tracking import make_tracker
 from dtrain.train.deepspeed_glue import PRECISION_DTYPES, wrap_deepspeed
 from dtrain.train.ema import EMA
-from dtrain.train.universal import needs_universal, universal_dir
+from dtrain.train.universal import convert, needs_universal
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -52,20 +54,24 @@ def train_func(cfg_dict: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
 
-    resume = ray.train.get_checkpoint()
-    universal = False
-    if resume:
-        with resume.as_directory() as d:
-            universal = needs_universal(Path(d), world)
+    with ExitStack() as stack:  # the resume checkpoint stays open (downloaded, if remote) until loaded
+        resume = ray.train.get_checkpoint()
+        ckpt = Path(stack.enter_context(resume.as_directory())) if resume else None
+        universal = ckpt is not None and needs_universal(ckpt, world)
+        if universal:  # written at another worker count: re-partition its ZeRO shards once per node
+            if ctx.get_local_rank() == 0:
+                convert(ckpt)
+            dist.barrier()
 
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    net = build_model(cfg.model)
-    n_params = count_params(net)  # before ZeRO-3 empties the partitioned tensors
-    net.grad_checkpointing = t.activation_checkpointing
-    engine = wrap_deepspeed(net, cfg, world, load_universal=universal)
-    if t.compile:
-        engine.compile()  # DeepSpeed's own hook keeps parameter names (and so checkpoints) unchanged
-    ema = EMA(engine.module, t.ema_decay)
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        net = build_model(cfg.model)
+        n_params = count_params(net)  # before ZeRO-3 empties the partitioned tensors
+        net.grad_checkpointing = t.activation_checkpointing
+        engine = wrap_deepspeed(net, cfg, world, load_universal=universal)
+        if t.compile:
+            engine.compile()  # DeepSpeed's own hook keeps parameter names (and so checkpoints) unchanged
+        ema = EMA(engine.module, t.ema_decay)
+        start, samples_seen = _restore(engine, ema, ckpt, universal) if ckpt else (0, 0)
     loss_fn = build_objective(cfg.objective)
     dtype = PRECISION_DTYPES[t.precision]
     accum, global_batch = t.grad_accum_steps, cfg.data.batch_size * t.grad_accum_steps * world
@@ -73,13 +79,9 @@ def train_func(cfg_dict: dict) -> None:
     def model_fn(x, tt, cond):  # the objective sees fp32 in and out, whatever the precision
         return engine(x.to(dtype), tt, cond).float()
 
-    start, samples_seen = 0, 0
-    if resume:
-        with resume.as_directory() as d:
-            start, samples_seen = _restore(engine, ema, Path(d), universal, global_batch)
-        if universal and rank == 0:
-            print(f"[dtrain] resumed at step {start} on {world} workers from a universal checkpoint; "
-                  f"global batch now {global_batch}", flush=True)
+    if universal and rank == 0:
+        print(f"[dtrain] resumed at step {start} on {world} workers from a universal checkpoint; "
+              f"global batch now {global_batch}", flush=True)
     tracker = make_tracker(cfg, rank, run_dir, to_dict(cfg), resume_step=start)
     if rank == 0:
         print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {n_params / 1e6:.2f}M params, "
@@ -91,10 +93,11 @@ def train_func(cfg_dict: dict) -> None:
                             # the same number of samples as were consumed, at this run's worker count
                             skip=samples_seen // (cfg.data.batch_size * world))
     bar = _progress(rank, start, t.steps)
+    drill_step = t.fault_drill_step if rank == world - 1 else 0  # in a fault drill the last rank dies
     engine.train()
     window_start, window_loss = time.perf_counter(), torch.zeros((), device=engine.device)
     for step in range(start, t.steps):
-        if t.fault_drill_step and step == t.fault_drill_step and rank == world - 1:
+        if drill_step and step == drill_step and not t.fault_drill_in_save:
             _fault_drill(run_dir)
         for micro in range(accum):  # DeepSpeed steps the optimizer after the last micro-batch only
             torch.manual_seed(step_seed(t.seed, rank, step * accum + micro))
@@ -125,6 +128,8 @@ def train_func(cfg_dict: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(str(Path(tmp) / ckpt_io.DEEPSPEED_DIR), tag=ckpt_io.DEEPSPEED_TAG,
                                       client_state={"step": done, "samples_seen": samples_seen})
+                if drill_step and done == drill_step and t.fault_drill_in_save:
+                    _fault_drill(run_dir)
                 if rank == 0:
                     ckpt_io.write_inference_files(tmp, weights, cfg, {
                         "step": done, "stage": "pretrain", "objective": cfg.objective.name,
@@ -139,13 +144,17 @@ def train_func(cfg_dict: dict) -> None:
     tracker.finish()
 
 
-def _restore(engine, ema: EMA, d: Path, universal: bool, global_batch: int) -> tuple[int, int]:
+def _restore(engine, ema: EMA, d: Path, universal: bool) -> tuple[int, int]:
     """Load engine (weights, optimizer, scheduler) and EMA state from checkpoint `d`; returns
-    (step, samples consumed so far). Checkpoints older than the samples count ran at one batch size."""
-    state_dir = universal_dir(d) if universal else d / ckpt_io.DEEPSPEED_DIR
+    (step, samples consumed so far)."""
+    state_dir = d / (UNIVERSAL_DIR if universal else ckpt_io.DEEPSPEED_DIR)
     _, client = engine.load_checkpoint(str(state_dir), tag=ckpt_io.DEEPSPEED_TAG)
     ema.load_full_state_dict(ckpt_io.read_weights(d))
-    return client["step"], client.get("samples_seen", client["step"] * global_batch)
+    if "samples_seen" in client:
+        return client["step"], client["samples_seen"]
+    saved = ckpt_io.read_config(d)  # older checkpoints: count with the batch layout they were trained at
+    per_step = saved.data.batch_size * saved.train.grad_accum_steps * ckpt_io.read_meta(d)["world_size"]
+    return client["step"], client["step"] * per_step
 
 
 def _fault_drill(run_dir: Path) -> None:
