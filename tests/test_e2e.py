@@ -3,7 +3,6 @@ real WebDataset shards, W&B offline, a checkpoint reloaded and served over HTTP 
 import base64
 import io
 import json
-import socket
 
 import httpx
 import pytest
@@ -12,16 +11,11 @@ from PIL import Image
 
 from dtrain.checkpoint import DEEPSPEED_TAG, UNIVERSAL_DIR, load_model, read_meta, read_weights
 from dtrain.config import load_config
+from dtrain.runtime import free_port
 from dtrain.train.driver import fit, run_dir
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

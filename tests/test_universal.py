@@ -2,7 +2,6 @@
 universal checkpoint, loaded by 1 or 3 ranks. Real DeepSpeed engines on gloo process groups
 (spawned processes, no Ray); the full fp32 weights and Adam moments must survive exactly."""
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 
 from dtrain.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG, UNIVERSAL_DIR, write_inference_files
 from dtrain.config import from_yaml, load_config, to_yaml
+from dtrain.runtime import free_port
 from dtrain.train.universal import convert, needs_universal
 
 pytestmark = pytest.mark.slow
@@ -37,15 +37,17 @@ def _full_state(engine) -> dict:
     """{param name: {fp32, exp_avg, exp_avg_sq}} gathered across ranks (a collective)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    return {n: {"fp32": safe_get_full_fp32_param(p).clone(), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
-                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
+    return {n: {"fp32": safe_get_full_fp32_param(p).clone(),
+                **{m: safe_get_full_optimizer_state(p, m).clone() for m in STATES[1:]}}
             for n, p in engine.module.named_parameters()}
 
 
 def _train_and_save(rank, world, port, cfg_yaml, ckpt):
     engine, cfg = _engine(rank, world, port, cfg_yaml, seed=0)
     gen = torch.Generator().manual_seed(rank)
-    for _ in range(3):  # three optimizer steps (adaLN-Zero: deeper layers get gradients from the 2nd) on this rank's own random batch
+    # three optimizer steps on this rank's own random batches (adaLN-Zero: deeper layers get
+    # gradients only from the second step on)
+    for _ in range(3):
         x = torch.randn(4, 1, 8, 8, generator=gen)
         loss = (engine(x, torch.rand(4, generator=gen), torch.randint(0, 10, (4,), generator=gen)) - x).pow(2).mean()
         engine.backward(loss)
@@ -60,7 +62,8 @@ def _train_and_save(rank, world, port, cfg_yaml, ckpt):
 
 
 def _load(rank, world, port, cfg_yaml, ckpt):
-    engine, _ = _engine(rank, world, port, cfg_yaml, seed=1, load_universal=True)  # another init: loading must replace it
+    # another initialisation than the saved run's: loading must replace all of it
+    engine, _ = _engine(rank, world, port, cfg_yaml, seed=1, load_universal=True)
     _, client = engine.load_checkpoint(f"{ckpt}/{UNIVERSAL_DIR}", tag=DEEPSPEED_TAG)
     state = _full_state(engine)
     adam_steps = {float(s["step"]) for s in engine.optimizer.optimizer.state.values()}  # drives bias correction
@@ -71,25 +74,19 @@ def _load(rank, world, port, cfg_yaml, ckpt):
     dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("stage, new_world", [(2, 1), (3, 3)])
 def test_zero_state_survives_a_change_of_worker_count(tmp_path, stage, new_world):
     cfg = load_config(None, ["model.size=tiny", "model.image_size=8", "train.precision=fp32",
                              f"train.zero_stage={stage}", "data.batch_size=4", "train.warmup_steps=1"])
     ckpt = tmp_path / "checkpoint_00000003"
-    mp.spawn(_train_and_save, args=(2, _port(), to_yaml(cfg), str(ckpt)), nprocs=2)
+    mp.spawn(_train_and_save, args=(2, free_port(), to_yaml(cfg), str(ckpt)), nprocs=2)
     assert needs_universal(ckpt, new_world) and not needs_universal(ckpt, 2)
     # a stray shard of a rank this save did not have (a retried save at a larger count) is ignored
     (ckpt / DEEPSPEED_DIR / DEEPSPEED_TAG / "zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"stale")
 
     convert(ckpt)
     assert (ckpt / UNIVERSAL_DIR / DEEPSPEED_TAG).is_dir() and not list(ckpt.glob(".*.tmp"))
-    mp.spawn(_load, args=(new_world, _port(), to_yaml(cfg), str(ckpt)), nprocs=new_world)
+    mp.spawn(_load, args=(new_world, free_port(), to_yaml(cfg), str(ckpt)), nprocs=new_world)
 
     expected, loaded = torch.load(ckpt / "expected.pt"), torch.load(ckpt / f"loaded_{new_world}.pt")
     assert loaded["step"] == 3 and loaded["lr_steps"] == 3 and loaded["adam_steps"] == {3.0}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 from dataclasses import replace
@@ -31,7 +30,7 @@ from dtrain.data.digits import write_digits
 from dtrain.data.shards import train_batches
 from dtrain.diffusion import build_objective
 from dtrain.models import build_model, count_params
-from dtrain.runtime import ensure_ray
+from dtrain.runtime import ensure_ray, free_port
 from dtrain.train.deepspeed_glue import PRECISION_DTYPES, lr_lambda
 from dtrain.train.driver import fit, run_dir
 from dtrain.train.ema import EMA
@@ -111,7 +110,7 @@ def torch_samples_per_s(cfg: Config, world: int, warmup: int) -> float:
     settings and any Ray state stay out of the measurement)."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(torch_worker, args=(world, to_yaml(cfg), warmup, _free_port(), queue), nprocs=world)
+    mp.spawn(torch_worker, args=(world, to_yaml(cfg), warmup, free_port(), queue), nprocs=world)
     return queue.get()
 
 
@@ -171,8 +170,3 @@ def run(steps: int = 100, warmup: int = 20, log_every: int = 10,
                "threads_per_worker": 1, "cpus": os.cpu_count()}
     return rows, summary
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -178,7 +178,8 @@ def run(stages: tuple[int, ...] = (0, 1, 2, 3), num_workers: int = 2, precision:
         info[f"optimizer_stage{stage}"] = ranks[0]["optimizer_class"]
         info["params"] = n
     m = base.model
-    summary = {"unit": "bytes per parameter per rank (largest rank); total = params + grads + optimizer", "workers": num_workers, "precision": precision,
+    summary = {"unit": "bytes per parameter per rank (largest rank); total = params + grads + optimizer",
+               "workers": num_workers, "precision": precision,
                "model": f"{m.arch}-{m.size}/{m.patch_size} {m.image_size}x{m.image_size}x{m.in_channels}",
                "micro_batches_per_step": base.train.grad_accum_steps,
                "reduce_bucket_elems": deepspeed_config(base, num_workers)["zero_optimization"]["reduce_bucket_size"],

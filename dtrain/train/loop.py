@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from dtrain import checkpoint as ckpt_io
-from dtrain.checkpoint import UNIVERSAL_DIR
 from dtrain.config import Config, from_yaml, to_dict
 from dtrain.data.shards import CorruptShards, train_batches
 from dtrain.diffusion import build_objective
@@ -147,7 +146,7 @@ def train_func(cfg_dict: dict) -> None:
 def _restore(engine, ema: EMA, d: Path, universal: bool) -> tuple[int, int]:
     """Load engine (weights, optimizer, scheduler) and EMA state from checkpoint `d`; returns
     (step, samples consumed so far)."""
-    state_dir = d / (UNIVERSAL_DIR if universal else ckpt_io.DEEPSPEED_DIR)
+    state_dir = d / (ckpt_io.UNIVERSAL_DIR if universal else ckpt_io.DEEPSPEED_DIR)
     _, client = engine.load_checkpoint(str(state_dir), tag=ckpt_io.DEEPSPEED_TAG)
     ema.load_full_state_dict(ckpt_io.read_weights(d))
     if "samples_seen" in client:
