@@ -43,7 +43,7 @@ def data():
 
 @data.command("digits")
 @click.option("--out", default="data/digits", show_default=True, type=click.Path(file_okay=False))
-@click.option("--image-size", default=16, show_default=True, help="Side in pixels (the originals are 8x8).")
+@click.option("--image-size", default=8, show_default=True, help="Side in pixels (the originals are 8x8; larger is upsampled).")
 @click.option("--train-shards", default=4, show_default=True)
 def data_digits(out, image_size, train_shards):
     """scikit-learn's handwritten digits (no download) -> train and validation shards."""
@@ -81,13 +81,17 @@ def data_encode(shards, vae_dir, out, batch_size, scale, address):
 @click.argument("overrides", nargs=-1)
 def train(config, overrides):
     """Train CONFIG on a Ray cluster (a local one unless scaling.address is set). Rerun to resume."""
-    from dtrain.train.driver import fit
+    from dtrain.train.driver import Interrupted, fit
 
     cfg = _config(config, overrides)
     try:
         final = fit(cfg)
     except (DataError, ConfigError) as e:
         raise UserError(str(e)) from None
+    except Interrupted as e:
+        click.echo(f"interrupted by {e.signal_name}: saved step {e.step} to {e.checkpoint}\n"
+                   f"rerun the same command to resume from it")
+        sys.exit(130)
     click.echo(f"final checkpoint: {final}")
 
 
@@ -128,12 +132,17 @@ def _load(checkpoint):
 @click.option("--steps", default=None, type=int, help="Euler steps (default: sample.steps).")
 @click.option("--guidance", default=None, type=float, help="CFG scale (default: sample.guidance).")
 @click.option("--seed", default=0, show_default=True)
-def sample(checkpoint, out, classes, per_class, steps, guidance, seed):
-    """Write a grid of class-conditional samples (a row per class) from CHECKPOINT (or a run dir)."""
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32", "fp16"]),
+              help="Network precision; auto = bf16 only where this CPU runs it natively.")
+def sample(checkpoint, out, classes, per_class, steps, guidance, seed, precision):
+    """Write a grid of class-conditional samples (a row per class) from CHECKPOINT (or a run dir).
+    A checkpoint trained on VAE latents is decoded through its VAE."""
     import torch
 
-    from dtrain.diffusion.samplers import generate, initial_noise
+    from dtrain.checkpoint import read_meta
+    from dtrain.generation import nfe, render
     from dtrain.images import save_grid
+    from dtrain.precision import choose
 
     net, cfg = _load(checkpoint)
     m, s = cfg.model, cfg.sample
@@ -141,11 +150,18 @@ def sample(checkpoint, out, classes, per_class, steps, guidance, seed):
     bad = [c for c in labels if not 0 <= c < m.num_classes]
     if bad:
         raise UserError(f"--classes: {bad} outside 0..{m.num_classes - 1}")
-    per_class = per_class or s.per_class
+    per_class, steps = per_class or s.per_class, steps or s.steps
+    guidance = s.guidance if guidance is None else guidance
+    choice = choose(precision, "cpu")
     cond = torch.tensor(labels).repeat_interleave(per_class)
-    noise = initial_noise((m.in_channels, m.image_size, m.image_size), [seed + i for i in range(len(cond))])
-    x = generate(net, cond, noise, steps or s.steps, s.guidance if guidance is None else guidance, m.num_classes)
-    click.echo(f"wrote {save_grid(x, out, ncol=per_class)} ({len(labels)} classes x {per_class})")
+    try:
+        x = render(net, cfg, read_meta(checkpoint), cond, [seed + i for i in range(len(cond))], steps, guidance,
+                   choice.precision)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    factor = 4 if x.shape[-1] < 64 else 1  # upscale only tiny images (8-16 px digits) so they are visible
+    click.echo(f"wrote {save_grid(x, out, ncol=per_class, factor=factor)} ({len(labels)} classes x {per_class}, "
+               f"{nfe(steps, guidance)} network evaluations per image, {choice.precision}: {choice.reason})")
 
 
 @main.command()

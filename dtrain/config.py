@@ -63,7 +63,9 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of weights used for sampling and serving
     grad_accum_steps: int = 1  # micro-batches per optimizer step (global batch = batch_size x this x workers)
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    precision: str = "bf16"  # bf16 | fp32 | fp16 (GPU only; bf16 runs 1.6-1.8x faster on AMX CPUs)
+    # auto = bf16 where the hardware runs it natively (AMX/AVX512-BF16 CPUs, bf16 GPUs), else fp32 (fp16 on
+    # older GPUs); see dtrain.precision. bf16 | fp32 | fp16 (GPU only) force one.
+    precision: str = "auto"
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state and step on the CPU (DeepSpeedCPUAdam)
     offload_params: bool = False  # ZeRO-3: parameters live in CPU memory between uses
     activation_checkpointing: bool = False  # recompute each block's activations in backward
@@ -71,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between metric reports
     ckpt_every: int = 250  # steps between checkpoints (and one at the end)
+    ckpt_every_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last one (0 = off)
     max_failures: int = 0  # worker failures Ray Train recovers from by restarting the group
     fault_drill_step: int = 0  # fault drill: the last rank exits abruptly after this many steps, once per run dir (0 = off)
     fault_drill_in_save: bool = False  # ...instead inside the checkpoint at that step, its own shard written, before it reports
@@ -173,6 +176,7 @@ def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express. Runs in the driver, before any worker."""
     from dtrain.diffusion import OBJECTIVES
     from dtrain.models import BACKBONES
+    from dtrain.precision import PRECISIONS
 
     m, t = cfg.model, cfg.train
     _check(m.arch in BACKBONES, "model.arch", f"'{m.arch}' is not one of {sorted(BACKBONES)}")
@@ -187,7 +191,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.objective.time_sampling in ("uniform", "logit_normal"), "objective.time_sampling",
            "must be uniform or logit_normal")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not 0, 1, 2 or 3")
-    _check(t.precision in ("bf16", "fp32", "fp16"), "train.precision", f"'{t.precision}' is not bf16, fp32 or fp16")
+    _check(t.precision in PRECISIONS, "train.precision", f"'{t.precision}' is not one of {', '.join(PRECISIONS)}")
     _check(t.precision != "fp16" or cfg.scaling.use_gpu, "train.precision",
            "fp16 needs scaling.use_gpu=true (its loss scaler is a GPU path); use bf16 on CPU")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1")
@@ -200,6 +204,7 @@ def validate(cfg: Config) -> None:
     _check(t.lr > 0, "train.lr", "must be positive")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     _check(t.log_every > 0 and t.ckpt_every > 0, "train.log_every/ckpt_every", "must be positive")
+    _check(t.ckpt_every_minutes >= 0, "train.ckpt_every_minutes", "must be >= 0 (0 = off)")
     _check(not t.fault_drill_in_save or (t.fault_drill_step > 0 and (t.fault_drill_step % t.ckpt_every == 0
                                                                       or t.fault_drill_step == t.steps)),
            "train.fault_drill_in_save", f"train.fault_drill_step={t.fault_drill_step} is not a checkpoint step")

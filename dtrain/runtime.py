@@ -13,12 +13,19 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, log_to
     log_to_driver=False keeps workers' output out of this process's stdout (for --json output)."""
     if ray.is_initialized():
         return
+    # Ray Train V2 both logs and (when another library wrapped stdout) echoes every print: each line twice.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env})
     else:
+        # One machine has no spot preemption to watch for; Ray 2.60's watcher only logs an alarming
+        # "constructor arguments in the object store" error at every start.
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        os.environ.update(env)  # the controller and workers of a local cluster inherit the driver's env
         # "local": a new cluster of our own, even where `ray start` left one running on this machine.
         # The dashboard stays on: Ray Train V2 queries its state API to clean up placement groups.
-        ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1), log_to_driver=log_to_driver)
+        ray.init(address="local", num_cpus=max(num_cpus or 0, os.cpu_count() or 1), log_to_driver=log_to_driver,
+                 runtime_env={"env_vars": env})
 
 
 def free_port() -> int:
@@ -26,3 +33,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pin_threads(cpus: float | None = None) -> int:
+    """Give this process exactly the threads of its CPUs: torch's intra-op pool and OpenMP/MKL for any
+    library that starts later. `cpus` default: what Ray assigned to this worker or replica (else all).
+    Two workers on two cores that each spin two threads run slower than with one each."""
+    if cpus is None:
+        cpus = (ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None) \
+            or os.cpu_count() or 1
+    n = max(1, int(cpus))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+    return n

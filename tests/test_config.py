@@ -72,7 +72,7 @@ def test_deepspeed_config_follows_the_typed_config():
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert ds["optimizer"]["type"] == "AdamW" and not ds["bf16"]["enabled"]  # offload needs DeepSpeed's CPU Adam
-    plain = deepspeed_config(load_config(None, ["train.zero_stage=1"]), world_size=2)
+    plain = deepspeed_config(load_config(None, ["train.zero_stage=1", "train.precision=bf16"]), world_size=2)
     assert "optimizer" not in plain and plain["zero_allow_untested_optimizer"] and plain["bf16"]["enabled"]
     # reduce buckets are kept small: the default is a 2 GB fp32 buffer per rank
     assert plain["zero_optimization"]["reduce_bucket_size"] <= 5e6

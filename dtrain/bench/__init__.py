@@ -5,7 +5,11 @@ import json
 
 
 def emit(rows: list[dict], as_json: bool, extra: dict | None = None) -> str:
-    """A list of flat dicts -> JSON, or an aligned text table (columns in first-row order)."""
+    """A list of flat dicts -> JSON, or an aligned text table (columns in first-row order). Every output
+    records the machine it was measured on: CPU, torch's CPU capability, threads, GPU."""
+    from dtrain.precision import machine
+
+    extra = {**(extra or {}), "machine": machine()}
     if as_json:
         return json.dumps({"rows": rows, **(extra or {})}, indent=2)
     cols = list(rows[0])

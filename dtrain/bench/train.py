@@ -7,7 +7,7 @@ Four runs of the same model, per-worker batch, objective, optimizer and data:
 
 Fairness: every run reads the same digits shards through `dtrain.data.shards.train_batches`
 (PNG decode in the training process, as dtrain does with loader_workers=0), seeds each step the
-same way, updates the same EMA and clips gradients. The baselines do DeepSpeed's bf16 arithmetic by
+same way, updates the same EMA and clips gradients. In bf16 the baselines do DeepSpeed's arithmetic by
 hand: bf16 module weights and gradients, an fp32 master copy that AdamW steps, copied back to bf16.
 Throughput is steady state: the first `warmup` steps are not timed, and neither is dtrain's
 final checkpoint (it comes after the last log window).
@@ -31,7 +31,8 @@ from dtrain.data.shards import train_batches
 from dtrain.diffusion import build_objective
 from dtrain.models import build_model, count_params
 from dtrain.runtime import ensure_ray, free_port
-from dtrain.train.deepspeed_glue import PRECISION_DTYPES, lr_lambda
+from dtrain.precision import DTYPES, choose
+from dtrain.train.deepspeed_glue import lr_lambda
 from dtrain.train.driver import fit, run_dir
 from dtrain.train.ema import EMA
 from dtrain.train.loop import step_seed
@@ -41,7 +42,7 @@ TARGET = 0.95  # the issue's goal: dtrain per worker >= 0.95x the plain loop
 # The quickstart model (configs/quickstart.yaml) on 16x16 digits.
 DEFAULTS = ["model.arch=dit", "model.size=mini", "model.hidden_size=128", "model.depth=4", "model.image_size=16",
             "model.in_channels=1", "model.patch_size=2", "data.batch_size=64", "train.zero_stage=2",
-            "train.precision=bf16", "tracking.wandb=false"]
+            "train.precision=auto", "tracking.wandb=false"]
 
 
 def torch_worker(rank: int, world: int, cfg_yaml: str, warmup: int, port: int, queue) -> None:
@@ -53,7 +54,7 @@ def torch_worker(rank: int, world: int, cfg_yaml: str, warmup: int, port: int, q
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(t.seed)
-    dtype = PRECISION_DTYPES[t.precision]
+    dtype = DTYPES[t.precision]
     net = build_model(cfg.model).to(dtype)
     net.grad_checkpointing = t.activation_checkpointing
     params = list(net.parameters())
@@ -144,6 +145,7 @@ def run(steps: int = 100, warmup: int = 20, log_every: int = 10,
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, DEFAULTS + [*overrides, f"train.steps={steps}", f"train.log_every={log_every}",
                                             f"train.ckpt_every={steps}", f"train.storage_path={tmp}/runs"])
+        cfg = replace(cfg, train=replace(cfg.train, precision=choose(cfg.train.precision).precision))
         if cfg.train.precision == "fp16" or cfg.train.grad_accum_steps != 1:
             raise ValueError("the torch baselines do one micro-batch per step in bf16 or fp32 on CPU: "
                              "set train.grad_accum_steps=1 and train.precision=bf16|fp32")
@@ -167,6 +169,6 @@ def run(steps: int = 100, warmup: int = 20, log_every: int = 10,
                "params": count_params(build_model(m)), "batch_per_worker": cfg.data.batch_size,
                "precision": cfg.train.precision, "steps": steps, "timed_steps": steps - warmup,
                "data": "digits shards via dtrain.data.shards.train_batches (all runs)",
-               "threads_per_worker": 1, "cpus": os.cpu_count()}
+               "threads_per_worker": 1}
     return rows, summary
 

@@ -37,8 +37,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from dtrain.config import Config, from_yaml, load_config, to_yaml
 from dtrain.diffusion import build_objective
 from dtrain.models import build_model
-from dtrain.runtime import ensure_ray
-from dtrain.train.deepspeed_glue import PRECISION_DTYPES, deepspeed_config, wrap_deepspeed
+from dtrain.runtime import ensure_ray, pin_threads
+from dtrain.precision import DTYPES, choose
+from dtrain.train.deepspeed_glue import deepspeed_config, wrap_deepspeed
 
 # The ZeRO paper's model-state accounting (Rajbhandari et al. 2020, Sec. 3.1 and Fig. 1): per
 # parameter, P bytes of weights, P of gradients and K of optimizer state. Mixed-precision Adam:
@@ -119,13 +120,14 @@ def zero_worker(cfg_dict: dict) -> list[dict] | None:
     return value is `Result.return_value`; `Result.metrics` would carry rank 0's numbers only)."""
     cfg = from_yaml(cfg_dict["yaml"])
     world = ray.train.get_context().get_world_size()
+    pin_threads(cfg.scaling.cpus_per_worker)
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     net = build_model(m)
     n_params = sum(p.numel() for p in net.parameters())
     engine = wrap_deepspeed(net, cfg, world)
     loss_fn = build_objective(cfg.objective)
-    dtype = PRECISION_DTYPES[cfg.train.precision]
+    dtype = DTYPES[cfg.train.precision]
     x = torch.randn(cfg.data.batch_size, m.in_channels, m.image_size, m.image_size)
     y = torch.randint(0, m.num_classes, (cfg.data.batch_size,))
     micro_batches = cfg_dict["steps"] * cfg.train.grad_accum_steps
@@ -159,7 +161,8 @@ def run(stages: tuple[int, ...] = (0, 1, 2, 3), num_workers: int = 2, precision:
     """One row per stage. `overrides` are dtrain config `key=value`s on top of DEFAULTS (DiT-S/2,
     16x16x1). Per-rank figures are the largest rank's: the one that has to fit in memory."""
     base = load_config(None, DEFAULTS + [f"train.precision={precision}", *overrides])
-    precision = base.train.precision  # an override may have changed it
+    precision = choose(base.train.precision).precision  # an override may have changed it; auto -> this CPU's
+    base = replace(base, train=replace(base.train, precision=precision))
     rows, info, stage0 = [], {}, None
     for stage in sorted(stages):
         ranks = measure(replace(base, train=replace(base.train, zero_stage=stage)), num_workers, steps)

@@ -35,6 +35,25 @@ def load_vae(vae_dir: str | Path):
     return vae.eval().requires_grad_(False)
 
 
+def decode_latents(vae, z: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
+    """Latents as stored [B, c, h, w] -> images [B, C, H, W] in [-1, 1]: the inverse of the encoder's
+    `(mean - shift) * scale` below, then the VAE's decoder (clamped: a decoder may overshoot)."""
+    with torch.no_grad():
+        return vae.decode(z / scaling_factor + shift_factor).sample.clamp(-1, 1)
+
+
+def latents_meta(urls: str) -> dict | None:
+    """What a checkpoint trained on the shards `urls` records under meta["latents"] so that sampling
+    decodes through the same VAE: {vae_dir, scaling_factor, shift_factor} from the `latents.json`
+    next to the first shard, or None for image shards."""
+    info = Path(expand_urls(urls)[0]).parent / "latents.json"
+    if not info.is_file():
+        return None
+    d = json.loads(info.read_text())
+    return {"vae_dir": d["vae_dir"], "scaling_factor": float(d["scaling_factor"]),
+            "shift_factor": float(d.get("shift_factor") or 0.0)}
+
+
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
@@ -46,6 +65,9 @@ class _ShardEncoder:
     A shard per call keeps file names, keys and order exactly, and every actor writes its own files."""
 
     def __init__(self, vae_dir: str, out_dir: str, batch_size: int, scale: float, shift: float):
+        from dtrain.runtime import pin_threads
+
+        pin_threads()  # the actor's one CPU: a pool as large as the cluster's CPUs must not oversubscribe it
         self.vae, self.out_dir, self.batch_size = load_vae(vae_dir), Path(out_dir), batch_size
         self.scale, self.shift = scale, shift
 

@@ -8,6 +8,7 @@ dtrain.serving.app:build_app). A replica needs only the checkpoint: no Ray Train
 """
 # No `from __future__ import annotations` here: FastAPI must see the real request types.
 import base64
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,10 +19,14 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from dtrain.checkpoint import load_model, read_config, resolve
-from dtrain.diffusion.samplers import generate, initial_noise
+from dtrain.checkpoint import load_model, read_config, read_meta, resolve
+from dtrain.generation import image_shape, render
 from dtrain.images import png_bytes, to_uint8
+from dtrain.precision import choose
+from dtrain.runtime import pin_threads
 from dtrain.serving.schemas import GenerateRequest, GenerateResponse, Health
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,15 @@ class Job:
 @serve.deployment
 class Sampler:
     def __init__(self, checkpoint: str):
+        threads = pin_threads()  # the replica's num_cpus, not every core of the node
         self.net, self.cfg = load_model(checkpoint)
+        self.meta = read_meta(checkpoint)  # says whether samples decode through a VAE
+        choice = choose("auto", "cpu")
+        self.precision = choice.precision
+        self.net.to(choice.dtype)  # once here, so render() never has to make a cast copy per batch
+        # image_shape loads a latent checkpoint's VAE now: a missing VAE fails the replica at start
+        logger.info(f"sampler: {resolve(checkpoint)}, images {image_shape(self.cfg, self.meta)}, "
+                    f"precision {choice.precision} ({choice.reason}), {threads} thread(s)")
 
     def reconfigure(self, user_config: dict) -> None:
         """Live settings (no restart): dynamic batch size and wait."""
@@ -48,7 +61,6 @@ class Sampler:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def run_batch(self, jobs: list[Job]) -> list[np.ndarray]:
-        m = self.cfg.model
         out: list[Optional[np.ndarray]] = [None] * len(jobs)
         groups: dict[tuple[int, float], list[int]] = {}
         for i, job in enumerate(jobs):
@@ -56,8 +68,7 @@ class Sampler:
         for (steps, guidance), idx in groups.items():
             cond = torch.cat([torch.full((len(jobs[i].seeds),), jobs[i].class_label) for i in idx])
             seeds = [s for i in idx for s in jobs[i].seeds]
-            noise = initial_noise((m.in_channels, m.image_size, m.image_size), seeds)
-            images = to_uint8(generate(self.net, cond, noise, steps, guidance, m.num_classes))
+            images = to_uint8(render(self.net, self.cfg, self.meta, cond, seeds, steps, guidance, self.precision))
             start = 0
             for i in idx:
                 n = len(jobs[i].seeds)
@@ -117,6 +128,15 @@ def build_app(args: ServeArgs):
                         max_steps=s.max_steps, max_images=s.max_images)
 
 
+class _DropLog(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def run_blocking(checkpoint: str, host: Optional[str] = None, port: Optional[int] = None,
                  replicas: Optional[int] = None) -> None:
     """`dtrain serve`: start (or join) a local Ray cluster, deploy, serve until Ctrl-C."""
@@ -126,7 +146,14 @@ def run_blocking(checkpoint: str, host: Optional[str] = None, port: Optional[int
     ensure_ray()
     host, port = host or s.host, port or s.port
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(ServeArgs(checkpoint=checkpoint, num_replicas=replicas)), name="dtrain", route_prefix="/")
+    # serve.run reconnects to the Serve instance started just above and logs that "new http_options
+    # will not be applied": they were, a line earlier. Drop that one false alarm, nothing else.
+    quiet = _DropLog("Connecting to existing Serve app")
+    logger.addFilter(quiet)
+    try:
+        serve.run(build_app(ServeArgs(checkpoint=checkpoint, num_replicas=replicas)), name="dtrain", route_prefix="/")
+    finally:
+        logger.removeFilter(quiet)
     print(f"serving {resolve(checkpoint)} at http://{host}:{port}  (POST /v1/generate, GET /healthz, docs at /docs)",
           flush=True)
     import signal

@@ -8,13 +8,11 @@ import torch
 
 from dtrain.config import Config
 
-# train.precision -> the dtype DeepSpeed keeps module weights (and expects inputs) in
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
     """A pure function of the (validated) config; the driver builds it before any worker starts.
-    `load_universal`: the engine will resume from a universal checkpoint (another worker count)."""
+    `load_universal`: the engine will resume from a universal checkpoint (another worker count).
+    train.precision `auto` is resolved on the workers (dtrain.precision); the driver's check reads it as fp32."""
     t = cfg.train
     zero: dict = {
         "stage": t.zero_stage,

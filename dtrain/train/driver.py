@@ -1,37 +1,97 @@
-"""The driver: a Ray Train TorchTrainer that runs train_func on N workers (gloo on CPU)."""
+"""The driver: a Ray Train TorchTrainer that runs train_func on N workers (gloo on CPU).
+
+Ctrl-C or SIGTERM asks the workers to checkpoint at the next step and stop (dtrain.train.control);
+a second Ctrl-C aborts without saving.
+"""
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from dtrain.checkpoint import read_meta
 from dtrain.config import Config, to_yaml
+from dtrain.data.latents import latents_meta
 from dtrain.data.shards import absolute_urls, expand_urls
 from dtrain.runtime import ensure_ray
+from dtrain.train.control import clear_stop, request_stop, stop_requested
 from dtrain.train.deepspeed_glue import deepspeed_config
 from dtrain.train.loop import train_func
+
+
+class Interrupted(Exception):
+    """The run stopped early on a signal, after saving `checkpoint` (rerun the command to resume)."""
+
+    def __init__(self, checkpoint: Path, step: int, signal_name: str):
+        super().__init__(f"{signal_name}: saved step {step} to {checkpoint}")
+        self.checkpoint, self.step, self.signal_name = checkpoint, step, signal_name
 
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.storage_path).resolve() / cfg.train.run_name
 
 
+@contextmanager
+def _stop_on_signals(out: Path):
+    """While training, SIGINT/SIGTERM become a stop request the workers act on; a second one aborts."""
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if stop_requested(out):
+            raise KeyboardInterrupt
+        request_stop(out, name)
+        print(f"\n[dtrain] {name}: saving a checkpoint at the end of this step, then stopping "
+              "(press Ctrl-C again to abort without saving)", flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _fit_off_main_thread(trainer: TorchTrainer):
+    """trainer.fit() in a daemon thread: on the main thread Ray Train replaces our SIGINT handler with
+    one that aborts the run without a checkpoint. The main thread waits and keeps handling signals."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="dtrain-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def fit(cfg: Config) -> Path:
     """Train (or resume: the same run_name continues from its latest checkpoint); returns the final
-    checkpoint directory."""
+    checkpoint directory. Raises Interrupted when a signal stopped the run after a checkpoint."""
     s = cfg.scaling
     deepspeed_config(cfg, s.num_workers)  # config errors here, not in a worker
     cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute_urls(cfg.data.train_shards),
                                     val_shards=absolute_urls(cfg.data.val_shards)))
+    latents = None
     if not s.address:
         expand_urls(cfg.data.train_shards)  # missing local shards fail here too
+        latents = latents_meta(cfg.data.train_shards)
     out = run_dir(cfg)
+    clear_stop(out)  # a request left by an earlier run is not this run's
     ensure_ray(s.address, s.num_workers * s.cpus_per_worker)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"yaml": to_yaml(cfg), "run_dir": str(out)},
+        train_loop_config={"yaml": to_yaml(cfg), "run_dir": str(out), "latents": latents},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
@@ -39,7 +99,15 @@ def fit(cfg: Config) -> Path:
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
-    result = trainer.fit()
+    with _stop_on_signals(out):
+        result = _fit_off_main_thread(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.train.run_name} finished without a checkpoint")
-    return Path(result.checkpoint.path)
+    final = Path(result.checkpoint.path)
+    name = stop_requested(out)
+    if name:
+        clear_stop(out)
+        meta = read_meta(final)
+        if meta.get("interrupted"):
+            raise Interrupted(final, meta["step"], name)
+    return final

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -20,11 +22,13 @@ from dtrain import checkpoint as ckpt_io
 from dtrain.config import Config, from_yaml, to_dict
 from dtrain.data.shards import CorruptShards, train_batches
 from dtrain.diffusion import build_objective
-from dtrain.diffusion.samplers import generate, initial_noise
-from dtrain.images import grid, to_uint8
+from dtrain.generation import grid_from_weights
 from dtrain.models import build_model, count_params
+from dtrain.precision import Choice, choose
+from dtrain.runtime import pin_threads
 from dtrain.tracking import make_tracker
-from dtrain.train.deepspeed_glue import PRECISION_DTYPES, wrap_deepspeed
+from dtrain.train.control import StepControl
+from dtrain.train.deepspeed_glue import wrap_deepspeed
 from dtrain.train.ema import EMA
 from dtrain.train.universal import convert, needs_universal
 
@@ -35,15 +39,13 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
 
 
-def sample_grid(weights: dict, cfg: Config, per_class: int = 4) -> "np.ndarray":
-    """A class-conditional grid from consolidated EMA weights (rows = classes)."""
-    net = build_model(cfg.model)
-    net.load_state_dict(weights)
-    m = cfg.model
-    labels = torch.arange(m.num_classes).repeat_interleave(per_class)
-    noise = initial_noise((m.in_channels, m.image_size, m.image_size), list(range(len(labels))))
-    x = generate(net.eval(), labels, noise, cfg.sample.steps, cfg.sample.guidance, m.num_classes)
-    return grid(to_uint8(x), per_class)
+def agreed_precision(requested: str, device: str, rank: int) -> Choice:
+    """Rank 0 resolves `auto` (or checks an explicit choice) on its hardware; every rank uses its verdict,
+    so a timing probe that happens to differ between ranks can never split the run."""
+    box = [choose(requested, device) if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def train_func(cfg_dict: dict) -> None:
@@ -51,7 +53,11 @@ def train_func(cfg_dict: dict) -> None:
     run_dir = Path(cfg_dict["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    t = cfg.train
+    # DeepSpeed 0.19 calls a deprecated torch collective: one FutureWarning per worker per step, not ours to fix
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    threads = pin_threads(cfg.scaling.cpus_per_worker)
+    precision = agreed_precision(cfg.train.precision, "cuda" if cfg.scaling.use_gpu else "cpu", rank)
+    t = cfg.train  # checkpoints keep the config as asked (`auto` decides again on resume); meta records the choice
 
     with ExitStack() as stack:  # the resume checkpoint stays open (downloaded, if remote) until loaded
         resume = ray.train.get_checkpoint()
@@ -66,13 +72,14 @@ def train_func(cfg_dict: dict) -> None:
         net = build_model(cfg.model)
         n_params = count_params(net)  # before ZeRO-3 empties the partitioned tensors
         net.grad_checkpointing = t.activation_checkpointing
-        engine = wrap_deepspeed(net, cfg, world, load_universal=universal)
+        resolved = replace(cfg, train=replace(t, precision=precision.precision))
+        engine = wrap_deepspeed(net, resolved, world, load_universal=universal)
         if t.compile:
             engine.compile()  # DeepSpeed's own hook keeps parameter names (and so checkpoints) unchanged
         ema = EMA(engine.module, t.ema_decay)
         start, samples_seen = _restore(engine, ema, ckpt, universal) if ckpt else (0, 0)
     loss_fn = build_objective(cfg.objective)
-    dtype = PRECISION_DTYPES[t.precision]
+    dtype = precision.dtype
     accum, global_batch = t.grad_accum_steps, cfg.data.batch_size * t.grad_accum_steps * world
 
     def model_fn(x, tt, cond):  # the objective sees fp32 in and out, whatever the precision
@@ -83,16 +90,18 @@ def train_func(cfg_dict: dict) -> None:
               f"global batch now {global_batch}", flush=True)
     tracker = make_tracker(cfg, rank, run_dir, to_dict(cfg), resume_step=start)
     if rank == 0:
-        print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {n_params / 1e6:.2f}M params, "
-              f"{world} workers, ZeRO-{t.zero_stage}, {t.precision}, steps {start}->{t.steps}", flush=True)
+        print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {n_params / 1e6:.2f}M params, {world} workers x "
+              f"{threads} thread(s), ZeRO-{t.zero_stage}, {precision.precision}, steps {start}->{t.steps}", flush=True)
+        print(f"[dtrain] precision {precision.precision}: {precision.reason}", flush=True)
 
     corrupt = CorruptShards(fail=cfg.data.on_corrupt == "fail")
     batches = train_batches(cfg.data.train_shards, rank, world, t.seed, cfg.data.batch_size,
                             cfg.data.shuffle_buffer, cfg.data.loader_workers, on_corrupt=corrupt,
                             # the same number of samples as were consumed, at this run's worker count
                             skip=samples_seen // (cfg.data.batch_size * world))
-    bar = _progress(rank, start, t.steps)
+    progress = Progress(rank, start, t.steps)
     drill_step = t.fault_drill_step if rank == world - 1 else 0  # in a fault drill the last rank dies
+    control = StepControl(run_dir, t.ckpt_every_minutes, rank, engine.device)
     engine.train()
     window_start, window_loss = time.perf_counter(), torch.zeros((), device=engine.device)
     for step in range(start, t.steps):
@@ -107,6 +116,7 @@ def train_func(cfg_dict: dict) -> None:
             window_loss += loss.detach() / accum
         ema.update(step)
         done, samples_seen = step + 1, samples_seen + global_batch
+        stop, clock_due = control.poll()  # Ctrl-C / SIGTERM in the driver, or train.ckpt_every_minutes
 
         if done % t.log_every == 0 or done == t.steps:
             n = done - max(start, (done - 1) // t.log_every * t.log_every)  # steps in this window
@@ -117,12 +127,12 @@ def train_func(cfg_dict: dict) -> None:
                        "samples_per_s": n * cfg.data.batch_size * accum * world / elapsed, "step_time_s": elapsed / n,
                        "rss_mb": psutil.Process().memory_info().rss / 2**20, "corrupt_shards": corrupt.count}
             tracker.log(metrics, done)
-            if bar:
-                bar.set_description(f"train loss {metrics['loss']:.4f} | {metrics['samples_per_s']:.0f} samples/s")
-                bar.update(n)
+            progress.step(done, t.log_every, metrics["loss"], metrics["samples_per_s"])
             window_start, window_loss = time.perf_counter(), torch.zeros((), device=engine.device)
+        elif done == start + 1:
+            progress.step(done, t.log_every)  # a sign of life before the first metrics window
 
-        if done % t.ckpt_every == 0 or done == t.steps:
+        if done % t.ckpt_every == 0 or done == t.steps or stop or clock_due:
             weights = ema.full_state_dict()  # a collective under ZeRO-3
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(str(Path(tmp) / ckpt_io.DEEPSPEED_DIR), tag=ckpt_io.DEEPSPEED_TAG,
@@ -130,16 +140,22 @@ def train_func(cfg_dict: dict) -> None:
                 if drill_step and done == drill_step and t.fault_drill_in_save:
                     _fault_drill(run_dir)
                 if rank == 0:
-                    ckpt_io.write_inference_files(tmp, weights, cfg, {
-                        "step": done, "stage": "pretrain", "objective": cfg.objective.name,
-                        "weights": "ema", "ema_decay": t.ema_decay, "world_size": world, "zero_stage": t.zero_stage})
+                    meta = {"step": done, "stage": "pretrain", "objective": cfg.objective.name,
+                            "weights": "ema", "ema_decay": t.ema_decay, "world_size": world, "zero_stage": t.zero_stage,
+                            "precision": precision.precision, "precision_reason": precision.reason,
+                            "latents": cfg_dict.get("latents"), "interrupted": stop and done < t.steps}
+                    ckpt_io.write_inference_files(tmp, weights, cfg, meta)
                     if done == t.steps or (cfg.tracking.sample_every and done % cfg.tracking.sample_every == 0):
-                        tracker.log_image("samples", sample_grid(weights, cfg), done)
+                        on_cpu = "fp32" if precision.precision == "fp16" else precision.precision  # drawn on the CPU
+                        tracker.log_image("samples", grid_from_weights(weights, cfg, meta, precision=on_cpu), done)
                 ray.train.report({"step": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{done:08d}")
+            control.saved()
             window_start = time.perf_counter()  # checkpoint time is not training throughput
-    if bar:
-        bar.close()
+        if stop:
+            if rank == 0:
+                print(f"[dtrain] stop requested: saved step {done} of {t.steps}", flush=True)
+            break
     tracker.finish()
 
 
@@ -167,12 +183,19 @@ def _fault_drill(run_dir: Path) -> None:
         os._exit(1)
 
 
-def _progress(rank: int, start: int, total: int):
-    """Rank 0's progress bar, which Ray renders in the driver's terminal (tqdm_ray)."""
-    if rank != 0:
-        return None
-    from ray.experimental.tqdm_ray import tqdm
+class Progress:
+    """Rank 0's progress as log lines (a tqdm meter, printed, not redrawn): a bar redrawn in place
+    interleaves with the workers' log lines under Ray, and sat at 0 until the first metrics window."""
 
-    bar = tqdm(total=total, desc="train")
-    bar.update(start)
-    return bar
+    def __init__(self, rank: int, start: int, total: int):
+        self.on, self.start, self.total, self.began = rank == 0, start, total, time.perf_counter()
+
+    def step(self, done: int, every: int, loss: float | None = None, samples_per_s: float | None = None) -> None:
+        if not self.on or not (done == self.start + 1 or done % every == 0 or done == self.total):
+            return
+        from tqdm import tqdm
+
+        postfix = f"loss {loss:.4f}, {samples_per_s:.0f} samples/s" if loss is not None else "first step done"
+        meter = tqdm.format_meter(done - self.start, self.total - self.start, time.perf_counter() - self.began,
+                                  ncols=100, prefix=f"train step {done}/{self.total}", postfix=postfix)
+        print(f"[dtrain] {meter}", flush=True)

@@ -1,0 +1,102 @@
+"""The one sampling entry point: (labels, seeds, steps, guidance) -> images, decoded when latent.
+
+The CLI's `dtrain sample`, the training loop's W&B grids and the serving replicas all call `render`,
+so noise, precision and latent decoding are decided in one place. A checkpoint trained on VAE
+latent shards records the VAE in its meta (`meta["latents"] = {vae_dir, scaling_factor,
+shift_factor}`, see `dtrain.data.latents.latents_meta`); its samples are decoded through that VAE.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dtrain.checkpoint import CheckpointError
+from dtrain.data.latents import decode_latents, load_vae
+from dtrain.diffusion.samplers import generate, initial_noise
+from dtrain.images import grid, to_uint8
+from dtrain.models import build_model
+from dtrain.precision import DTYPES
+
+
+def nfe(steps: int, guidance: float) -> int:
+    """Network evaluations `render` spends per image: one per step, two with guidance (CFG)."""
+    return steps * (1 if guidance == 1.0 else 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_vae(vae_dir: str):
+    return load_vae(vae_dir)  # cached: a serving replica loads its VAE once, not per request
+
+
+def latent_vae(meta: dict):
+    """The VAE a latent checkpoint decodes through (loaded once per directory), or None for a
+    checkpoint trained on pixels. CheckpointError when the recorded directory is gone."""
+    lat = meta.get("latents")
+    if not isinstance(lat, dict):
+        return None
+    vae_dir = Path(lat["vae_dir"])
+    if not (vae_dir / "config.json").is_file():
+        raise CheckpointError(f"the checkpoint was trained on latents of the VAE in {vae_dir}, which is missing "
+                              "(no config.json there): put the VAE back at that path to decode its samples")
+    return _load_vae(str(vae_dir.resolve()))
+
+
+def image_shape(cfg, meta: dict) -> tuple[int, int, int]:
+    """(channels, H, W) of the images `render` returns for a checkpoint's config and meta."""
+    m = cfg.model
+    vae = latent_vae(meta)
+    if vae is None:
+        return m.in_channels, m.image_size, m.image_size
+    side = m.image_size * 2 ** (len(vae.config.block_out_channels) - 1)  # one 2x upsampling per extra block
+    return vae.config.out_channels, side, side
+
+
+def _in_dtype(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`net` if it already runs in `dtype`, else a cast copy: casting in place would leave the caller a
+    bf16 net whose fp32 weights could not be recovered. Serving casts once so no copy is made."""
+    p = next(net.parameters())
+    return net if p.dtype == dtype else copy.deepcopy(net).to(dtype)
+
+
+def render(net: torch.nn.Module, cfg, meta: dict, labels: torch.Tensor, seeds: list[int], steps: int,
+           guidance: float, precision: str = "fp32") -> torch.Tensor:
+    """Class-conditional images [B, C, H, W] in [-1, 1] (C, H, W = image_shape(cfg, meta)).
+
+    labels: [B] long class labels; seeds: B ints, one noise generator each, so an image depends on its
+    seed alone and not on how it was batched. Euler steps with classifier-free guidance (`nfe(steps,
+    guidance)` network calls per image). The net runs in `precision` (bf16 | fp32 | fp16); the ODE state
+    and the VAE stay in float32."""
+    if len(labels) != len(seeds):
+        raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds: one seed per image")
+    vae = latent_vae(meta)  # before sampling: a missing VAE fails fast, not after all the steps
+    m, dtype = cfg.model, DTYPES[precision]
+    run = _in_dtype(net, dtype)
+    device = next(run.parameters()).device
+    # t stays float32: the timestep embedding computes its sinusoids in float32 itself
+    fn = lambda x, t, c: run(x.to(dtype), t, c).float()  # noqa: E731
+    noise = initial_noise((m.in_channels, m.image_size, m.image_size), seeds).to(device)
+    was_training = run.training
+    run.eval()  # in train mode the label embedder drops labels at random (CFG training): never when sampling
+    try:
+        x = generate(fn, labels.to(device), noise, steps, guidance, null_label=m.num_classes).cpu()
+    finally:
+        run.train(was_training)
+    if vae is None:
+        return x
+    lat = meta["latents"]
+    return decode_latents(vae, x, float(lat["scaling_factor"]), float(lat.get("shift_factor") or 0.0))
+
+
+def grid_from_weights(weights: dict, cfg, meta: dict, per_class: int = 4, precision: str = "fp32") -> np.ndarray:
+    """A uint8 grid (rows = classes, `per_class` columns) from consolidated weights, for the training
+    loop's W&B images. Seeds 0..N-1, cfg.sample's steps and guidance."""
+    net = build_model(cfg.model)
+    net.load_state_dict(weights)
+    m, s = cfg.model, cfg.sample
+    labels = torch.arange(m.num_classes).repeat_interleave(per_class)
+    x = render(net.eval(), cfg, meta, labels, list(range(len(labels))), s.steps, s.guidance, precision)
+    return grid(to_uint8(x), per_class)
