@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "dit"  # backbone family, a key of dtrain.models.BACKBONES: dit | ssm (SSM-hybrid)
+    arch: str = "dit"  # backbone family, a key of dtrain.models.BACKBONES: dit | ssm (SSM-hybrid) | mlp (vectors)
     size: str = "tiny"  # named size in that family's registry (tiny, S, B, L, XL, ...)
     image_size: int = 16  # side of the (square) input in pixels or latent cells
     in_channels: int = 1  # 1 for grayscale digits, 4 for SD-VAE latents

@@ -31,7 +31,7 @@ from dtrain.data.shards import train_batches
 from dtrain.diffusion import build_objective
 from dtrain.models import build_model, count_params
 from dtrain.runtime import ensure_ray, free_port
-from dtrain.precision import DTYPES, choose
+from dtrain.precision import choose
 from dtrain.train.deepspeed_glue import lr_lambda
 from dtrain.train.driver import fit, run_dir
 from dtrain.train.ema import EMA
@@ -54,7 +54,7 @@ def torch_worker(rank: int, world: int, cfg_yaml: str, warmup: int, port: int, q
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(t.seed)
-    dtype = DTYPES[t.precision]
+    dtype = choose(t.precision).dtype  # `auto` -> what this CPU runs fast
     net = build_model(cfg.model).to(dtype)
     net.grad_checkpointing = t.activation_checkpointing
     params = list(net.parameters())

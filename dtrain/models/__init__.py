@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from dtrain.models import dit, ssm
+from dtrain.models import dit, mlp, ssm
 
-BACKBONES = {"dit": dit, "ssm": ssm}
+BACKBONES = {"dit": dit, "ssm": ssm, "mlp": mlp}
 
 
 def build_model(model_cfg) -> nn.Module:

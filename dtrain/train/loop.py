@@ -145,7 +145,8 @@ def train_func(cfg_dict: dict) -> None:
                             "precision": precision.precision, "precision_reason": precision.reason,
                             "latents": cfg_dict.get("latents"), "interrupted": stop and done < t.steps}
                     ckpt_io.write_inference_files(tmp, weights, cfg, meta)
-                    if done == t.steps or (cfg.tracking.sample_every and done % cfg.tracking.sample_every == 0):
+                    images = cfg.model.image_size > 1  # vector data (a mixture) has no image to show
+                    if images and (done == t.steps or (cfg.tracking.sample_every and done % cfg.tracking.sample_every == 0)):
                         on_cpu = "fp32" if precision.precision == "fp16" else precision.precision  # drawn on the CPU
                         tracker.log_image("samples", grid_from_weights(weights, cfg, meta, precision=on_cpu), done)
                 ray.train.report({"step": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -1,0 +1,1 @@
+"""Evaluation: feature net, Frechet distance, exact Gaussian-mixture metrics, straightness, class balance."""

@@ -1,0 +1,183 @@
+"""Evaluation: Frechet distance against closed forms, the digits classifier's determinism, cache and
+accuracy, and a digits checkpoint evaluation end to end on a tiny untrained model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtrain.eval import features as feat
+from dtrain.eval.frechet import (frechet_distance, frechet_distance_diagonal, frechet_distance_features,
+                                 gaussian_stats)
+
+FAST = feat.TrainSpec(epochs=5)  # ~0.95 held-out accuracy in a few seconds at 8x8
+
+
+# --- Frechet distance --------------------------------------------------------------------------
+
+def test_fd_of_identical_sets_is_zero():
+    f = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    assert frechet_distance_features(f, f) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fd_of_shifted_gaussians_matches_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8) + 1.0
+    var1, var2 = rng.uniform(0.2, 2.0, 8), rng.uniform(0.2, 2.0, 8)
+    exact = frechet_distance_diagonal(mu1, var1, mu2, var2)
+    # the general (matrix) formula on the exact statistics
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(exact, rel=1e-10)
+    # and on samples: the sample estimate approaches the closed form
+    a = mu1 + np.sqrt(var1) * rng.normal(size=(100_000, 8))
+    b = mu2 + np.sqrt(var2) * rng.normal(size=(100_000, 8))
+    assert frechet_distance_features(a, b) == pytest.approx(exact, rel=0.02)
+
+
+def test_fd_full_covariance_agrees_with_scipy_sqrtm():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2, mu1, mu2 = a @ a.T, b @ b.T + 0.1 * np.eye(6), rng.normal(size=6), rng.normal(size=6)
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy_linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
+
+
+def test_fd_with_singular_covariance_is_finite():
+    f = torch.randn(10, 32, generator=torch.Generator().manual_seed(0))  # N < F: rank-deficient covariance
+    g = f + 0.5
+    d = frechet_distance_features(f, g)
+    assert np.isfinite(d) and d == pytest.approx(32 * 0.25, rel=1e-6)  # same covariance: only the mean moved
+    with pytest.raises(ValueError, match="NaN"):
+        gaussian_stats(torch.full((4, 3), float("nan")))
+
+
+# --- the digits classifier ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    return feat.digits_classifier(8, FAST, directory=tmp_path_factory.mktemp("cache"))
+
+
+def test_classifier_is_accurate_on_held_out_digits(classifier):
+    _, _, xv, yv = feat.digits_split(8)
+    acc = feat.accuracy(classifier.logits(xv), yv)
+    print(f"digits classifier ({FAST.epochs} epochs): held-out accuracy {acc:.4f} on {len(yv)} images, "
+          f"trained in {classifier.train_seconds} s")
+    assert acc == pytest.approx(classifier.val_acc) and acc > 0.9
+    assert classifier.features(xv[:7]).shape == (7, FAST.feature_dim)
+
+
+def test_classifier_is_cached_and_deterministic(classifier, tmp_path, monkeypatch):
+    spec = feat.TrainSpec(epochs=1)
+    a = feat.digits_classifier(8, spec, directory=tmp_path / "a")
+    b = feat.digits_classifier(8, spec, directory=tmp_path / "b")  # from scratch again
+    assert a.name == b.name and a.path.name == b.path.name
+    for k, v in a.net.state_dict().items():
+        assert torch.equal(v, b.net.state_dict()[k]), k  # bit-identical weights
+    # the same hash reuses the file: training again would fail here
+    monkeypatch.setattr(feat, "train_classifier", lambda *a, **k: pytest.fail("retrained despite the cache"))
+    c = feat.digits_classifier(8, spec, directory=tmp_path / "a")
+    assert c.path == a.path and torch.equal(c.net.embed.weight, a.net.embed.weight)
+    # another image size or hyperparameter is another file
+    assert feat._key(*feat.digits_split(8)[:2], 8, spec) != feat._key(*feat.digits_split(8)[:2], 8, FAST)
+
+
+def test_inception_unavailable_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv(feat.INCEPTION_ENV, str(tmp_path / "missing.pth"))
+    with pytest.raises(feat.FeatureNetUnavailable, match="nothing is downloaded"):
+        feat.feature_net("inception", 8)
+    with pytest.raises(ValueError, match="unknown feature net"):
+        feat.feature_net("clip", 8)
+
+
+# --- a checkpoint end to end -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from dtrain.checkpoint import write_inference_files
+    from dtrain.config import load_config
+    from dtrain.data.digits import write_digits
+    from dtrain.models import build_model
+
+    root = tmp_path_factory.mktemp("evalckpt")
+    shards = write_digits(root / "digits", image_size=8, train_shards=1, val_per_class=10)
+    cfg = load_config(None, ["model.size=tiny", "model.image_size=8", "model.patch_size=2",
+                             f"data.val_shards={shards['val'][0]}", "sample.guidance=2.0"])
+    torch.manual_seed(0)
+    # DiT zero-initialises its output layer (adaLN-Zero), so a fresh net's velocity is 0 everywhere:
+    # perturb every weight so the untrained net bends its paths like a real one
+    weights = {k: v + 0.1 * torch.randn_like(v) for k, v in build_model(cfg.model).state_dict().items()}
+    write_inference_files(root / "ckpt", weights, cfg, {"step": 0})
+    return root / "ckpt"
+
+
+def test_generate_for_eval_is_batch_independent_and_measures_straightness(tiny_checkpoint):
+    from dtrain.checkpoint import load_model, read_meta
+    from dtrain.eval.digits import eval_batch, generate_for_eval
+    from dtrain.generation import render
+
+    net, cfg = load_model(tiny_checkpoint)
+    meta = read_meta(tiny_checkpoint)
+    labels, seeds = eval_batch(10, 1, seed=3)
+    x, s = generate_for_eval(net, cfg, meta, labels, seeds, 3, 2.0)
+    assert torch.equal(x, render(net, cfg, meta, labels, seeds, 3, 2.0))  # the probe changes nothing
+    x1, s1 = generate_for_eval(net, cfg, meta, labels[:4], seeds[:4], 3, 2.0)
+    x2, s2 = generate_for_eval(net, cfg, meta, labels[4:], seeds[4:], 3, 2.0)
+    torch.testing.assert_close(torch.cat([x1, x2]), x)
+    torch.testing.assert_close(torch.cat([s1, s2]), s)
+    assert s.shape == (10,) and (s > 0).all()
+    _, s_one = generate_for_eval(net, cfg, meta, labels, seeds, 1, 2.0)
+    assert torch.equal(s_one, torch.zeros(10))  # one Euler step is a straight line
+
+
+def test_straightness_of_known_paths():
+    from dtrain.eval.digits import straightness
+
+    t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    line = torch.stack([torch.zeros(2, 3), torch.ones(2, 3) * 0.25, torch.ones(2, 3)])  # constant speed 1
+    assert torch.equal(straightness(line, t), torch.zeros(2, dtype=line.dtype))
+    # velocity 0 on [0, 1/2], 2 on [1/2, 1]: mean velocity 1, S = 1/2 * 1 + 1/2 * 1 = 1 per pixel
+    bent = torch.stack([torch.zeros(1, 4), torch.zeros(1, 4), torch.ones(1, 4)])
+    assert straightness(bent, torch.tensor([0.0, 0.5, 1.0])).item() == pytest.approx(1.0)
+
+
+def test_evaluate_checkpoint_on_untrained_model(tiny_checkpoint, classifier, tmp_path):
+    from dtrain.eval.digits import evaluate_checkpoint, format_table, plot_fd_vs_nfe
+
+    res = evaluate_checkpoint(tiny_checkpoint, steps_list=(1, 2), classifier=classifier, seed=0)
+    assert [r["steps"] for r in res["rows"]] == [1, 2]
+    assert [r["nfe"] for r in res["rows"]] == [2, 4]  # guidance 2: two network calls per step
+    assert res["n_samples"] == 50 and res["n_ref"] == 50 and res["n_floor"] == 50  # 10 per class, halved
+    assert res["feature_net"] == classifier.name and res["real_seen_by_classifier"] == 0.0
+    assert res["real_class_acc"] > 0.85
+    for r in res["rows"]:
+        assert set(r) >= {"nfe", "sampler", "fd", "class_acc", "straightness", "n_samples"}
+        assert r["fd"] > 5 * res["noise_floor_fd"]  # an untrained model is far from real digits
+        assert r["class_acc"] < 0.5
+    assert res["rows"][0]["straightness"] == 0.0 and res["rows"][1]["straightness"] > 0
+    again = evaluate_checkpoint(tiny_checkpoint, steps_list=(1,), classifier=classifier, seed=0, batch_size=7)
+    assert again["rows"][0]["fd"] == pytest.approx(res["rows"][0]["fd"], rel=1e-6)  # reproducible, any batching
+    assert "noise floor" in format_table(res)
+    png = plot_fd_vs_nfe(res, tmp_path / "fd.png")
+    from PIL import Image
+
+    assert Image.open(png).size == (640, 420)
+
+
+def test_cli_eval_prints_json_and_names_bad_input(tiny_checkpoint, monkeypatch, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from dtrain.cli import main
+
+    monkeypatch.setenv("DTRAIN_CACHE", str(tmp_path / "cache"))  # the classifier trains once into it
+    r = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), "--steps", "1,2", "--json",
+                                  "--plot", str(tmp_path / "fd.png")])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert [row["nfe"] for row in res["rows"]] == [2, 4] and res["noise_floor_fd"] > 0
+    assert (tmp_path / "fd.png").is_file()
+    for bad in (["--steps", "1,x"], ["--steps", "0"], ["--feature-net", "clip"]):
+        r = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), *bad])
+        assert r.exit_code == 2 and "Traceback" not in r.output, (bad, r.output)
