@@ -197,8 +197,10 @@ def sample(checkpoint, out, classes, per_class, steps, guidance, seed, precision
 @click.option("--seed", default=0, show_default=True)
 @click.option("--feature-net", default="digits", show_default=True, help="digits (trained here, cached) | inception (local weights only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
-@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write a PNG of FD against NFE.")
-def eval_cmd(checkpoint, steps_list, samples_per_class, val_shards, guidance, seed, feature_net, as_json, plot):
+@click.option("--plot", default=None, type=click.Path(dir_okay=False),
+              help="Write a PNG: FD against NFE, or with --audit the class shares.")
+@click.option("--audit", is_flag=True, help="Bias audit: null-label samples' classes against the training distribution.")
+def eval_cmd(checkpoint, steps_list, samples_per_class, val_shards, guidance, seed, feature_net, as_json, plot, audit):
     """Sample quality of CHECKPOINT (or a run dir) against NFE. Digits: Frechet distance in a digits
     classifier's feature space with a noise floor, class accuracy of conditional samples against real
     digits, and trajectory straightness. Gaussian-mixture data (`dtrain data gmm`): exact component
@@ -219,6 +221,14 @@ def eval_cmd(checkpoint, steps_list, samples_per_class, val_shards, guidance, se
     if any(v < 1 for v in steps):
         raise UserError(f"--steps: every step count must be >= 1, got {steps}")
     try:
+        if audit:
+            from dtrain.eval.audit import audit_checkpoint, format_audit, plot_audit
+
+            result = audit_checkpoint(checkpoint, steps=max(steps), seed=seed)
+            click.echo(json.dumps(result, indent=2) if as_json else format_audit(result))
+            if plot:
+                plot_audit(result, plot)
+            return
         if mixture_spec(val_shards or read_config(checkpoint).data.val_shards):  # exact metrics on a mixture
             result = evaluate_mixture_checkpoint(checkpoint, steps, val_shards=val_shards, seed=seed)
             click.echo(json.dumps(result, indent=2) if as_json else mixture_table(result))

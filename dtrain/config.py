@@ -72,6 +72,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model inside the DeepSpeed engine (cold compile: tens of seconds)
     seed: int = 0
     log_every: int = 10  # steps between metric reports
+    val_every: int = 0  # steps between validation losses on data.val_shards (fixed noise and times; 0 = off)
     ckpt_every: int = 250  # steps between checkpoints (and one at the end)
     ckpt_every_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last one (0 = off)
     max_failures: int = 0  # worker failures Ray Train recovers from by restarting the group
@@ -205,6 +206,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     _check(t.log_every > 0 and t.ckpt_every > 0, "train.log_every/ckpt_every", "must be positive")
     _check(t.ckpt_every_minutes >= 0, "train.ckpt_every_minutes", "must be >= 0 (0 = off)")
+    _check(t.val_every >= 0, "train.val_every", "must be >= 0 (0 = off)")
     _check(not t.fault_drill_in_save or (t.fault_drill_step > 0 and (t.fault_drill_step % t.ckpt_every == 0
                                                                       or t.fault_drill_step == t.steps)),
            "train.fault_drill_in_save", f"train.fault_drill_step={t.fault_drill_step} is not a checkpoint step")

@@ -33,6 +33,8 @@ def test_yaml_file_then_overrides(tmp_path):
     ("train.grad_accum_steps=0", "train.grad_accum_steps"),
     ("data.on_corrupt=ignore", "data.on_corrupt"),
     ("train.fault_drill_in_save=true", "train.fault_drill_in_save"),  # needs a checkpoint step
+    ("train.ckpt_every_minutes=-1", "train.ckpt_every_minutes"),
+    ("train.val_every=-5", "train.val_every"),
 ])
 def test_bad_override_names_the_key(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):

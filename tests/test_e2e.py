@@ -20,10 +20,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, digits_dir, tmp_path_factory):
-    """6 steps of ZeRO-2 bf16 with W&B offline; checkpoints at steps 3 and 6."""
+    """6 steps of ZeRO-2 (precision auto) with W&B offline; checkpoints at steps 3 and 6, validation loss every 2."""
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp) + [
-        "train.run_name=e2e", "train.steps=6", "train.ckpt_every=3", "tracking.wandb=true", "tracking.mode=offline"])
+        "train.run_name=e2e", "train.steps=6", "train.ckpt_every=3", "train.val_every=2", "tracking.wandb=true",
+        "tracking.mode=offline"])
     return cfg, fit(cfg)
 
 
@@ -36,7 +37,7 @@ def test_training_writes_a_self_describing_checkpoint_and_tracks(trained):
     assert any("zero_pp_rank_0" in s for s in shards) and any("zero_pp_rank_1" in s for s in shards)
     logged = [json.loads(line) for line in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [2, 4, 6]
-    assert all(r["loss"] > 0 and r["samples_per_s"] > 0 for r in logged)
+    assert all(r["loss"] > 0 and r["samples_per_s"] > 0 and r["val_loss"] > 0 for r in logged)
     assert list((run_dir(cfg) / "wandb").glob("offline-run-*")), "no offline W&B run written"
     net, cfg2 = load_model(ckpt)
     assert cfg2 == cfg
@@ -117,15 +118,14 @@ def uninterrupted(ray_cluster, digits_dir, tmp_path_factory):
                                         + ["train.run_name=clean"])))
 
 
-@pytest.mark.parametrize("drill", [["train.fault_drill_step=6"],
-                                   ["train.fault_drill_step=8", "train.fault_drill_in_save=true"]],
-                         ids=["mid-run", "mid-save"])
+@pytest.mark.parametrize("drill", [["train.fault_drill_step=8", "train.fault_drill_in_save=true"]], ids=["mid-save"])
 def test_worker_killed_is_replaced_and_training_resumes_exactly(uninterrupted, digits_dir, tmp_path, drill):
-    """The last rank exits abruptly: before step 7 (mid-run), or inside the final checkpoint after
-    writing its own shard (mid-save; the unfinished save must not be resumed from). Ray Train
-    restarts the group from the checkpoint at step 4, and the final weights equal an uninterrupted
-    run's; the logged steps stay contiguous. Two micro-batches per step, so the data stream must
-    skip exactly the consumed micro-batches."""
+    """The last rank exits abruptly inside the final checkpoint after writing its own shard (the
+    unfinished save must not be resumed from). Ray Train restarts the group from the checkpoint at
+    step 4, and the final weights equal an uninterrupted run's; the logged steps stay contiguous. Two
+    micro-batches per step, so the data stream must skip exactly the consumed micro-batches. (A death
+    between checkpoints, `train.fault_drill_step=6`, takes the same restart path; it left the suite to
+    keep it under 20 minutes on a 2-core AVX2 machine.)"""
     crashed = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp_path) + CRASH_COMMON + drill
                           + ["train.run_name=crash", "train.max_failures=1"])
     a = read_weights(fit(crashed))

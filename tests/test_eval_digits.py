@@ -181,3 +181,27 @@ def test_cli_eval_prints_json_and_names_bad_input(tiny_checkpoint, monkeypatch, 
     for bad in (["--steps", "1,x"], ["--steps", "0"], ["--feature-net", "clip"]):
         r = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), *bad])
         assert r.exit_code == 2 and "Traceback" not in r.output, (bad, r.output)
+
+
+def test_audit_detects_a_skewed_sampler_and_passes_a_fair_one():
+    import numpy as np
+
+    from dtrain.eval.audit import audit_counts
+
+    p = np.full(10, 0.1)
+    fair = audit_counts(np.random.default_rng(0).multinomial(2000, p), p)
+    skewed = audit_counts(np.random.default_rng(0).multinomial(2000, [0.3] + [0.7 / 9] * 9), p)
+    dropped = audit_counts(np.array([0] + [200] * 9), np.full(10, 0.1))
+    assert fair["p_value"] > 1e-3 and fair["kl_nats"] < 0.01
+    assert skewed["p_value"] < 1e-12 and skewed["kl_nats"] > 0.05 and skewed["most_over"] == 0
+    assert dropped["most_under"] == 0 and np.isfinite(dropped["kl_nats"])
+
+
+def test_audit_of_a_checkpoint(tiny_checkpoint, classifier, tmp_path):
+    from dtrain.eval.audit import audit_checkpoint, format_audit, plot_audit
+    from dtrain.checkpoint import read_config
+
+    shards = read_config(tiny_checkpoint).data.val_shards  # any labelled digits shards serve as reference
+    res = audit_checkpoint(tiny_checkpoint, n=60, steps=2, train_shards=shards, classifier=classifier)
+    assert res["n"] == 60 and abs(sum(res["shares"]) - 1) < 1e-3 and res["reference"] == [0.1] * 10
+    assert "KL" in format_audit(res) and plot_audit(res, tmp_path / "audit.png").is_file()

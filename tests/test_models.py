@@ -107,11 +107,14 @@ def test_flops_counter_reproduces_the_dit_paper_table():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["dit", "ssm"])
-def test_backbones_work_under_torch_compile(arch):
+@pytest.mark.parametrize("arch, backend", [("dit", "aot_eager"), ("ssm", "inductor")])
+def test_backbones_work_under_torch_compile(arch, backend):
+    """Both backbones trace whole (dynamo + AOT autograd) and keep their checkpoint keys. Inductor's C++
+    code generation costs ~100 s per model on 2 cores, so only the SSM, whose chunked scan is the
+    unusual code to lower, goes through it; DiT is plain attention and MLPs."""
     net, inputs = perturbed_net_and_inputs(arch)
     ref_out, ref_grads = loss_and_grads(net, inputs)
-    net.compile()
+    net.compile(backend=backend)
     out, grads = loss_and_grads(net, inputs)
     assert torch.allclose(out, ref_out, atol=1e-5)
     for a, b in zip(grads, ref_grads):

@@ -48,7 +48,8 @@ def dtrain(*args, **env):
 def test_submit_runs_training_as_a_ray_job_and_streams_its_logs(head, digits_dir, tmp_path):
     r = dtrain("submit", "--address", head, "configs/quickstart.yaml", "model.size=tiny", "model.hidden_size=0",
                "model.depth=0", "model.image_size=8", "train.steps=4", "train.ckpt_every=4", "train.log_every=2",
-               f"data.train_shards={digits_dir}/train-{{000000..000003}}.tar", f"train.storage_path={tmp_path}",
+               f"data.train_shards={digits_dir}/train-{{000000..000003}}.tar", f"data.val_shards={digits_dir}/val-000000.tar",
+               f"train.storage_path={tmp_path}",
                "train.run_name=submitted", "tracking.wandb=false")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED" in r.stdout and "final checkpoint:" in r.stdout  # the job's own output, streamed

@@ -75,3 +75,17 @@ def wrap_deepspeed(net: torch.nn.Module, cfg: Config, world_size: int, load_univ
         model=net, optimizer=opt, config=ds, dist_init_required=False,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)))
     return engine
+
+
+def prebuild_cpu_ops() -> None:
+    """JIT-build DeepSpeed's CPU shared-memory op in the driver, once, before any worker starts.
+    Otherwise every worker compiles it at once during worker-group start (a fresh machine's first run),
+    which starved Ray's GCS long enough for Ray Train's placement-group cleaner to die with a traceback.
+    Later runs load it from ~/.cache/torch_extensions in a second."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)

@@ -20,7 +20,7 @@ from dtrain.data.latents import latents_meta
 from dtrain.data.shards import absolute_urls, expand_urls
 from dtrain.runtime import ensure_ray
 from dtrain.train.control import clear_stop, request_stop, stop_requested
-from dtrain.train.deepspeed_glue import deepspeed_config
+from dtrain.train.deepspeed_glue import deepspeed_config, prebuild_cpu_ops
 from dtrain.train.loop import train_func
 
 
@@ -85,7 +85,11 @@ def fit(cfg: Config) -> Path:
     latents = None
     if not s.address:
         expand_urls(cfg.data.train_shards)  # missing local shards fail here too
+        if cfg.train.val_every:
+            expand_urls(cfg.data.val_shards)
         latents = latents_meta(cfg.data.train_shards)
+    if not s.address and not s.use_gpu:
+        prebuild_cpu_ops()  # the workers of this machine then load it instead of compiling it at once
     out = run_dir(cfg)
     clear_stop(out)  # a request left by an earlier run is not this run's
     ensure_ray(s.address, s.num_workers * s.cpus_per_worker)

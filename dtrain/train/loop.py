@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from dtrain import checkpoint as ckpt_io
 from dtrain.config import Config, from_yaml, to_dict
-from dtrain.data.shards import CorruptShards, train_batches
+from dtrain.data.shards import CorruptShards, DataError, load_images, train_batches
 from dtrain.diffusion import build_objective
 from dtrain.generation import grid_from_weights
 from dtrain.models import build_model, count_params
@@ -99,6 +99,7 @@ def train_func(cfg_dict: dict) -> None:
                             cfg.data.shuffle_buffer, cfg.data.loader_workers, on_corrupt=corrupt,
                             # the same number of samples as were consumed, at this run's worker count
                             skip=samples_seen // (cfg.data.batch_size * world))
+    val = _val_split(cfg.data.val_shards, rank, world) if t.val_every else None
     progress = Progress(rank, start, t.steps)
     drill_step = t.fault_drill_step if rank == world - 1 else 0  # in a fault drill the last rank dies
     control = StepControl(run_dir, t.ckpt_every_minutes, rank, engine.device)
@@ -118,6 +119,11 @@ def train_func(cfg_dict: dict) -> None:
         done, samples_seen = step + 1, samples_seen + global_batch
         stop, clock_due = control.poll()  # Ctrl-C / SIGTERM in the driver, or train.ckpt_every_minutes
 
+        val_loss = None
+        if val is not None and (done % t.val_every == 0 or done == t.steps):
+            began = time.perf_counter()
+            val_loss = _val_loss(engine, model_fn, loss_fn, val, cfg.data.batch_size, t.seed)
+            window_start += time.perf_counter() - began  # validation is not training throughput
         if done % t.log_every == 0 or done == t.steps:
             n = done - max(start, (done - 1) // t.log_every * t.log_every)  # steps in this window
             dist.all_reduce(window_loss)
@@ -126,11 +132,14 @@ def train_func(cfg_dict: dict) -> None:
                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                        "samples_per_s": n * cfg.data.batch_size * accum * world / elapsed, "step_time_s": elapsed / n,
                        "rss_mb": psutil.Process().memory_info().rss / 2**20, "corrupt_shards": corrupt.count}
-            tracker.log(metrics, done)
+            tracker.log(metrics if val_loss is None else {**metrics, "val_loss": val_loss}, done)
             progress.step(done, t.log_every, metrics["loss"], metrics["samples_per_s"])
             window_start, window_loss = time.perf_counter(), torch.zeros((), device=engine.device)
-        elif done == start + 1:
-            progress.step(done, t.log_every)  # a sign of life before the first metrics window
+        else:
+            if val_loss is not None:
+                tracker.log({"val_loss": val_loss}, done)
+            if done == start + 1:
+                progress.step(done, t.log_every)  # a sign of life before the first metrics window
 
         if done % t.ckpt_every == 0 or done == t.steps or stop or clock_due:
             weights = ema.full_state_dict()  # a collective under ZeRO-3
@@ -158,6 +167,32 @@ def train_func(cfg_dict: dict) -> None:
                 print(f"[dtrain] stop requested: saved step {done} of {t.steps}", flush=True)
             break
     tracker.finish()
+
+
+def _val_split(urls: str, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the validation set; every rank gets as many samples (under ZeRO-3 each
+    forward pass is a collective, so all ranks must make the same number)."""
+    x, y = load_images(urls)
+    n = len(x) // world * world
+    if n == 0:
+        raise DataError(f"{urls} holds {len(x)} validation samples, fewer than the {world} workers")
+    return x[rank:n:world], y[rank:n:world]
+
+
+@torch.no_grad()
+def _val_loss(engine, model_fn, loss_fn, val: tuple[torch.Tensor, torch.Tensor], batch_size: int, seed: int) -> float:
+    """Mean objective over the validation set with the same noise and times every time it is measured
+    (a generator seeded by `seed`), so values at different steps are comparable; averaged over ranks."""
+    engine.eval()  # no label dropout
+    g = torch.Generator().manual_seed(seed + dist.get_rank())
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    for i in range(0, len(val[0]), batch_size):
+        x, y = val[0][i:i + batch_size].to(engine.device), val[1][i:i + batch_size].to(engine.device)
+        total += torch.stack([loss_fn(model_fn, x, y, generator=g).sum().double(),
+                              torch.tensor(float(len(x)), dtype=torch.float64, device=engine.device)])
+    engine.train()
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def _restore(engine, ema: EMA, d: Path, universal: bool) -> tuple[int, int]:
