@@ -78,9 +78,8 @@ def wrap_deepspeed(net: torch.nn.Module, cfg: Config, world_size: int, load_univ
 
 
 def prebuild_cpu_ops() -> None:
-    """JIT-build DeepSpeed's CPU shared-memory op in the driver, once, before any worker starts.
-    Otherwise every worker compiles it at once during worker-group start (a fresh machine's first run),
-    which starved Ray's GCS long enough for Ray Train's placement-group cleaner to die with a traceback.
+    """JIT-build DeepSpeed's CPU shared-memory op in the driver, once, before any worker starts, so on a
+    fresh machine the workers load it instead of compiling it side by side during worker-group start.
     Later runs load it from ~/.cache/torch_extensions in a second."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
