@@ -32,28 +32,25 @@ class Choice:
         return DTYPES[self.precision]
 
 
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags, or None where the OS does not list them (not Linux)."""
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of `keys`; None off Linux."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return None
-    for line in text.splitlines():
-        if line.startswith("flags") or line.startswith("Features"):
-            return set(line.split(":", 1)[1].split())
-    return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(keys)), None)
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags, or None where the OS does not list them (not Linux)."""
+    flags = _cpuinfo("flags", "Features")  # x86 | ARM
+    return None if flags is None else set(flags.split())
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def time_matmul(dtype: torch.dtype, n: int = 256, repeats: int = 3) -> float:
@@ -93,6 +90,10 @@ def _probe() -> Choice:
     return probe_decision(time_matmul(torch.float32), time_matmul(torch.bfloat16))
 
 
+def _this_cpu() -> Choice:
+    return cpu_choice(cpu_flags(), torch.backends.cpu.get_cpu_capability(), _probe)
+
+
 def choose(requested: str = "auto", device: str = "cpu") -> Choice:
     """Resolve a configured precision for `device` ('cpu' or 'cuda'). An explicit choice is kept;
     bf16 on a CPU without native bf16 runs, but its reason says how much slower to expect."""
@@ -104,9 +105,9 @@ def choose(requested: str = "auto", device: str = "cpu") -> Choice:
             if torch.cuda.is_bf16_supported():
                 return Choice("bf16", f"{torch.cuda.get_device_name()} supports bf16")
             return Choice("fp16", f"{torch.cuda.get_device_name()} lacks bf16: fp16 with dynamic loss scaling")
-        return cpu_choice(cpu_flags(), torch.backends.cpu.get_cpu_capability(), _probe)
+        return _this_cpu()
     if requested == "bf16" and not on_gpu:
-        native = cpu_choice(cpu_flags(), torch.backends.cpu.get_cpu_capability(), _probe)
+        native = _this_cpu()
         if native.precision != "bf16":
             return Choice("bf16", f"WARNING: bf16 was asked for, but {native.reason}; expect it to run up to "
                                   "20x slower than train.precision=fp32 (or auto)")

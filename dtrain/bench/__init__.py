@@ -11,13 +11,13 @@ def emit(rows: list[dict], as_json: bool, extra: dict | None = None) -> str:
 
     extra = {**(extra or {}), "machine": machine()}
     if as_json:
-        return json.dumps({"rows": rows, **(extra or {})}, indent=2)
+        return json.dumps({"rows": rows, **extra}, indent=2)
     cols = list(rows[0])
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    lines += [f"{k}: {_fmt(v)}" for k, v in (extra or {}).items()]
+    lines += [f"{k}: {_fmt(v)}" for k, v in extra.items()]
     return "\n".join(lines)
 
 

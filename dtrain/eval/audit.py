@@ -15,6 +15,7 @@ from scipy.stats import chisquare
 
 from dtrain.checkpoint import load_model, read_meta, resolve
 from dtrain.data.shards import load_images
+from dtrain.eval import eval_seeds
 from dtrain.eval.digits import as_stored
 from dtrain.eval.features import DigitsClassifier, digits_classifier
 from dtrain.generation import render
@@ -47,7 +48,7 @@ def audit_checkpoint(ckpt: str | Path, n: int = 1000, steps: int = 16, seed: int
     reference = np.bincount(train_y.numpy(), minlength=m.num_classes) / len(train_y)
     clf = classifier or digits_classifier(m.image_size)
     null = torch.full((n,), m.num_classes)
-    x = render(net, cfg, meta, null, [seed * 1_000_000 + i for i in range(n)], steps, guidance=1.0)
+    x = render(net, cfg, meta, null, eval_seeds(n, seed), steps, guidance=1.0)
     counts = np.bincount(clf.logits(as_stored(x)).argmax(1).numpy(), minlength=m.num_classes)
     return {"checkpoint": str(resolve(ckpt)), "step": meta.get("step"), "steps": steps, "seed": seed,
             "classifier": clf.name, **audit_counts(counts, reference)}

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dtrain.checkpoint import load_model, read_meta, resolve
+from dtrain.eval import eval_seeds
 from dtrain.data.shards import load_images
 from dtrain.eval.features import DigitsClassifier, FeatureNet, accuracy, digits_classifier
 from dtrain.eval.features import feature_net as named_feature_net
@@ -105,9 +106,9 @@ def class_halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def eval_batch(num_classes: int, samples_per_class: int, seed: int) -> tuple[torch.Tensor, list[int]]:
-    """Class-balanced labels [n] and their seeds: seed * 1_000_000 + i, disjoint between seeds."""
+    """Class-balanced labels [n] and their seeds (`eval_seeds`)."""
     labels = torch.arange(num_classes).repeat_interleave(samples_per_class)
-    return labels, [seed * 1_000_000 + i for i in range(len(labels))]
+    return labels, eval_seeds(len(labels), seed)
 
 
 def evaluate_checkpoint(ckpt: str | Path, steps_list=DEFAULT_STEPS, samples_per_class: int | None = None,

@@ -16,6 +16,7 @@ import torch
 from dtrain.checkpoint import CheckpointError, load_model, read_meta, resolve
 from dtrain.data.gmm import SPEC_FILE, load_spec
 from dtrain.data.shards import expand_urls, load_images
+from dtrain.eval import eval_seeds
 from dtrain.eval.gmm import GaussianMixture, coverage, likelihood_gap, ode_log_likelihood, velocity_error
 from dtrain.generation import nfe, render
 
@@ -39,7 +40,7 @@ def evaluate_mixture_checkpoint(ckpt: str | Path, steps_list=(1, 2, 4, 8, 16, 50
         raise CheckpointError(f"no {SPEC_FILE} beside {shards}: not mixture shards from `dtrain data gmm`")
     gmm: GaussianMixture = load_spec(spec)
     null = torch.full((n,), cfg.model.num_classes)  # unconditional samples: the learned p_1 itself
-    seeds = [seed * 1_000_000 + i for i in range(n)]
+    seeds = eval_seeds(n, seed)
     rows = []
     with torch.no_grad():
         for steps in steps_list:

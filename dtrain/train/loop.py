@@ -133,13 +133,13 @@ def train_func(cfg_dict: dict) -> None:
                        "samples_per_s": n * cfg.data.batch_size * accum * world / elapsed, "step_time_s": elapsed / n,
                        "rss_mb": psutil.Process().memory_info().rss / 2**20, "corrupt_shards": corrupt.count}
             tracker.log(metrics if val_loss is None else {**metrics, "val_loss": val_loss}, done)
-            progress.step(done, t.log_every, metrics["loss"], metrics["samples_per_s"])
+            progress.step(done, metrics["loss"], metrics["samples_per_s"])
             window_start, window_loss = time.perf_counter(), torch.zeros((), device=engine.device)
         else:
             if val_loss is not None:
                 tracker.log({"val_loss": val_loss}, done)
             if done == start + 1:
-                progress.step(done, t.log_every)  # a sign of life before the first metrics window
+                progress.step(done)  # a sign of life before the first metrics window
 
         if done % t.ckpt_every == 0 or done == t.steps or stop or clock_due:
             weights = ema.full_state_dict()  # a collective under ZeRO-3
@@ -226,8 +226,8 @@ class Progress:
     def __init__(self, rank: int, start: int, total: int):
         self.on, self.start, self.total, self.began = rank == 0, start, total, time.perf_counter()
 
-    def step(self, done: int, every: int, loss: float | None = None, samples_per_s: float | None = None) -> None:
-        if not self.on or not (done == self.start + 1 or done % every == 0 or done == self.total):
+    def step(self, done: int, loss: float | None = None, samples_per_s: float | None = None) -> None:
+        if not self.on:
             return
         from tqdm import tqdm
 
