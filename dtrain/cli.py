@@ -1,4 +1,4 @@
-"""The `dtrain` command: config, data, train, sample, export, serve, bench."""
+"""The `dtrain` command: config, data, train, pipeline, pairs, submit, sample, eval, export, serve, bench."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,7 @@ import click
 from dtrain.checkpoint import CheckpointError
 from dtrain.config import ConfigError, load_config, to_yaml
 from dtrain.data.shards import DataError
+from dtrain.diffusion.samplers import SAMPLERS as SAMPLER_NAMES
 
 
 class UserError(click.ClickException):
@@ -119,6 +120,61 @@ def train(config, overrides):
 
 
 @main.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--no-eval", is_flag=True, help="Train the stages only.")
+def pipeline(pipeline_file, overrides, no_eval):
+    """Run the stages of PIPELINE_FILE in order (pretrain -> pairs -> reflow ...), each a Ray Train run
+    started from the one before, then evaluate every stage. OVERRIDES (key=value) apply to every stage.
+    Rerun to resume at the first unfinished stage."""
+    from dtrain.config import load_pipeline
+    from dtrain.train.driver import Interrupted
+    from dtrain.train.pipeline import run_pipeline
+
+    try:
+        p = load_pipeline(pipeline_file, overrides)
+        state = run_pipeline(p)
+    except (DataError, ConfigError, CheckpointError) as e:
+        raise UserError(str(e)) from None
+    except Interrupted as e:
+        click.echo(f"interrupted by {e.signal_name}: saved step {e.step} to {e.checkpoint}\n"
+                   f"rerun the same command to resume from it")
+        sys.exit(130)
+    for name, st in state["stages"].items():
+        click.echo(f"{name:10} {st['kind']:9} {st['checkpoint']}")
+    if not no_eval:
+        from dtrain.eval.pipeline import evaluate_pipeline
+
+        try:
+            evaluate_pipeline(p, state, log=click.echo)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+
+@main.command()
+@click.argument("teacher", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the pair shards.")
+@click.option("--count", default=2048, show_default=True, help="Pairs in all (a multiple of --per-shard).")
+@click.option("--per-shard", default=256, show_default=True, help="Pairs per shard: one Ray task each.")
+@click.option("--steps", default=32, show_default=True, help="Teacher ODE steps.")
+@click.option("--sampler", default="heun", show_default=True, type=click.Choice(SAMPLER_NAMES))
+@click.option("--guidance", default=1.0, show_default=True, help="Teacher CFG scale (1 = off).")
+@click.option("--address", default=None, help="Ray cluster address (default: a local cluster).")
+def pairs(teacher, out, count, per_shard, steps, sampler, guidance, address):
+    """Reflow pairs (noise, label, sample) from TEACHER's ODE as shards in OUT, one Ray task per shard;
+    rerun to finish an interrupted job. Train on them with stage.name=reflow data.train_shards=..."""
+    from dtrain.runtime import ensure_ray
+    from dtrain.train.pairs import generate_pairs, shard_urls
+
+    ensure_ray(address)
+    try:
+        paths = generate_pairs(teacher, out, count, per_shard, steps, sampler, guidance)
+    except (DataError, CheckpointError) as e:
+        raise UserError(str(e)) from None
+    click.echo(f"wrote {len(paths)} pair shards ({count} pairs): data.train_shards={shard_urls(out, count, per_shard)}")
+
+
+@main.command()
 @click.option("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
 @click.option("--working-dir", default=".", show_default=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--no-follow", is_flag=True, help="Return once submitted instead of streaming the logs.")
@@ -152,12 +208,13 @@ def _load(checkpoint):
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--classes", default=None, help="Comma-separated class labels (default: all).")
 @click.option("--per-class", default=None, type=int, help="Samples per class (default: sample.per_class).")
-@click.option("--steps", default=None, type=int, help="Euler steps (default: sample.steps).")
+@click.option("--steps", default=None, type=int, help="Solver steps (default: sample.steps).")
+@click.option("--sampler", default=None, type=click.Choice(SAMPLER_NAMES), help="ODE solver (default: sample.sampler).")
 @click.option("--guidance", default=None, type=float, help="CFG scale (default: sample.guidance).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32", "fp16"]),
               help="Network precision; auto = bf16 only where this CPU runs it natively.")
-def sample(checkpoint, out, classes, per_class, steps, guidance, seed, precision):
+def sample(checkpoint, out, classes, per_class, steps, sampler, guidance, seed, precision):
     """Write a grid of class-conditional samples (a row per class) from CHECKPOINT (or a run dir).
     A checkpoint trained on VAE latents is decoded through its VAE."""
     import torch
@@ -173,24 +230,25 @@ def sample(checkpoint, out, classes, per_class, steps, guidance, seed, precision
     bad = [c for c in labels if not 0 <= c < m.num_classes]
     if bad:
         raise UserError(f"--classes: {bad} outside 0..{m.num_classes - 1}")
-    per_class, steps = per_class or s.per_class, steps or s.steps
+    per_class, steps, sampler = per_class or s.per_class, steps or s.steps, sampler or s.sampler
     guidance = s.guidance if guidance is None else guidance
     choice = choose(precision, "cpu")
     cond = torch.tensor(labels).repeat_interleave(per_class)
     try:
         x = render(net, cfg, read_meta(checkpoint), cond, [seed + i for i in range(len(cond))], steps, guidance,
-                   choice.precision)
+                   choice.precision, sampler)
     except CheckpointError as e:
         raise UserError(str(e)) from None
     factor = 4 if x.shape[-1] < 64 else 1  # upscale only tiny images (8-16 px digits) so they are visible
     click.echo(f"wrote {save_grid(x, out, ncol=per_class, factor=factor)} ({len(labels)} classes x {per_class}, "
-               f"{nfe(steps, guidance)} network evaluations per image, {choice.precision}: {choice.reason})")
+               f"{sampler} {steps} steps, {nfe(steps, guidance, sampler)} network evaluations per image, {choice.precision}: {choice.reason})")
 
 
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.option("--steps", "steps_list", default="1,2,4,8,16,50", show_default=True,
-              help="Comma-separated Euler step counts (NFE = steps, doubled with guidance).")
+              help="Comma-separated step counts (Euler/DDIM NFE = steps, Heun 2 steps - 1; doubled with guidance).")
+@click.option("--samplers", default="euler", show_default=True, help=f"Comma-separated samplers: {', '.join(SAMPLER_NAMES)}.")
 @click.option("--samples-per-class", default=None, type=int, help="Default: as many as the noise-floor half of the real set.")
 @click.option("--val-shards", default=None, help="Reference shards (default: data.val_shards of the checkpoint's config).")
 @click.option("--guidance", default=None, type=float, help="CFG scale (default: sample.guidance).")
@@ -200,7 +258,10 @@ def sample(checkpoint, out, classes, per_class, steps, guidance, seed, precision
 @click.option("--plot", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG: FD against NFE, or with --audit the class shares.")
 @click.option("--audit", is_flag=True, help="Bias audit: null-label samples' classes against the training distribution.")
-def eval_cmd(checkpoint, steps_list, samples_per_class, val_shards, guidance, seed, feature_net, as_json, plot, audit):
+@click.option("--address", default=None, help="Ray cluster to sample on (default: a local one).")
+@click.option("--in-process", is_flag=True, help="Sample in this process instead of as Ray tasks (same figures).")
+def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, val_shards, guidance, seed, feature_net, as_json, plot,
+             audit, address, in_process):
     """Sample quality of CHECKPOINT (or a run dir) against NFE. Digits: Frechet distance in a digits
     classifier's feature space with a noise floor, class accuracy of conditional samples against real
     digits, and trajectory straightness. Gaussian-mixture data (`dtrain data gmm`): exact component
@@ -220,6 +281,13 @@ def eval_cmd(checkpoint, steps_list, samples_per_class, val_shards, guidance, se
         raise UserError(f"--steps: '{steps_list}' is not a comma-separated list of integers") from None
     if any(v < 1 for v in steps):
         raise UserError(f"--steps: every step count must be >= 1, got {steps}")
+    sampler_list = samplers.split(",")
+    if not set(sampler_list) <= set(SAMPLER_NAMES):
+        raise UserError(f"--samplers: {sorted(set(sampler_list) - set(SAMPLER_NAMES))} not among {', '.join(SAMPLER_NAMES)}")
+    if not in_process:
+        from dtrain.runtime import ensure_ray
+
+        ensure_ray(address, log_to_driver=not as_json)
     try:
         if audit:
             from dtrain.eval.audit import audit_checkpoint, format_audit, plot_audit
@@ -235,14 +303,21 @@ def eval_cmd(checkpoint, steps_list, samples_per_class, val_shards, guidance, se
             return
         result = evaluate_checkpoint(checkpoint, steps, samples_per_class=samples_per_class, val_shards=val_shards,
                                      seed=seed, guidance=guidance, feature_net=feature_net,
-                                     log=None if as_json else click.echo)
+                                     log=None if as_json else click.echo, samplers=sampler_list,
+                                     use_ray=not in_process)
     except (ValueError, FeatureNetUnavailable) as e:  # CheckpointError, DataError and bad inputs are ValueErrors
         raise UserError(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
-    if plot:
-        path = plot_fd_vs_nfe(result, plot)
-        if not as_json:
-            click.echo(f"wrote {path}")
+    path = plot_fd_vs_nfe(result, plot) if plot else None
+    if path and not as_json:
+        click.echo(f"wrote {path}")
+    from dtrain.checkpoint import resolve
+    from dtrain.tracking import log_eval
+
+    ckpt = resolve(checkpoint)
+    if ckpt.is_dir() and log_eval(ckpt, read_config(ckpt), result, {"fd_vs_nfe": path} if path else None) \
+            and not as_json:
+        click.echo(f"logged to the W&B run of {ckpt.parent.name}")
 
 
 @main.command()

@@ -46,8 +46,25 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "rectified_flow"  # a key of dtrain.diffusion.OBJECTIVES
+    name: str = "rectified_flow"  # a key of dtrain.diffusion.OBJECTIVES: rectified_flow | ddpm
     time_sampling: str = "logit_normal"  # how t is drawn in training: uniform | logit_normal (SD3)
+    prediction: str = "eps"  # ddpm only: what the net predicts, eps | v | x0 (rectified flow predicts velocity)
+    schedule: str = "cosine"  # ddpm only: noise schedule, cosine | vp_linear
+
+
+@dataclass
+class StageConfig:
+    # a key of dtrain.train.stages.STAGES: pretrain (images) | reflow (trains on (noise, label, sample)
+    # pairs a teacher wrote, `dtrain pairs`: data.train_shards points at them) | distill (consistency
+    # distillation of stage.teacher on images)
+    name: str = "pretrain"
+    init_from: Optional[str] = None  # checkpoint (or run dir) whose EMA weights initialise the net: the parent
+    # distill (consistency distillation, dtrain.diffusion.consistency) only:
+    teacher: Optional[str] = None  # the rectified-flow checkpoint whose ODE the student learns to jump along
+    teacher_solver: str = "heun"  # the teacher's ODE step between adjacent times: euler | heun
+    teacher_guidance: float = 1.0  # CFG scale of the teacher's velocity (the student then samples without)
+    target_decay: float = 0.95  # EMA decay of the target network; 0 = the student itself, stop-gradient
+    intervals: tuple[int, int] = (10, 80)  # discretisation curriculum: N doubles from the first to the second
 
 
 @dataclass
@@ -94,11 +111,13 @@ class TrackingConfig:
     project: str = "dtrain"
     mode: str = "auto"  # auto | online | offline | disabled
     sample_every: int = 0  # steps between sample grids logged to W&B (0 = only at the end)
+    group: Optional[str] = None  # W&B run group (`dtrain pipeline` puts its stages in one group: its name)
 
 
 @dataclass
 class SampleConfig:
-    steps: int = 16  # Euler steps (network evaluations without guidance)
+    steps: int = 16  # solver steps
+    sampler: str = "euler"  # euler | heun (2nd order) | ddim (DDPM models); see dtrain.diffusion.samplers
     guidance: float = 2.0  # classifier-free guidance scale (1 = off)
     per_class: int = 8  # samples per class in a grid
 
@@ -120,11 +139,93 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+@dataclass
+class PairsSpec:
+    """Reflow pairs a stage's teacher (the previous stage) writes before the stage trains (dtrain.train.pairs)."""
+    count: int = 2048  # pairs in all: a multiple of per_shard
+    per_shard: int = 256  # pairs per shard (one Ray task each)
+    steps: int = 32  # teacher ODE steps
+    sampler: str = "heun"  # teacher ODE solver: euler | heun | ddim
+    guidance: float = 1.0  # teacher CFG scale (1 = off: the student learns the conditional flow)
+
+
+@dataclass
+class StageSpec:
+    kind: str = "pretrain"  # a key of dtrain.train.stages.STAGES
+    name: str = ""  # this stage's name in the pipeline (default: kind, numbered when repeated: reflow, reflow2)
+    overrides: list[str] = field(default_factory=list)  # key=value onto the pipeline's config for this stage
+    pairs: PairsSpec = field(default_factory=PairsSpec)  # reflow only
+
+
+@dataclass
+class PipelineEvalSpec:
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # step counts for every stage
+    samplers: list[str] = field(default_factory=lambda: ["euler"])
+    samples_per_class: int = 0  # 0 = as many as the noise-floor half of the validation set holds
+    guidance: float = -1.0  # CFG scale; -1 = each stage's sample.guidance
+    audit: bool = True  # digits: the bias audit (null-label samples' classes against the training labels) per stage
+
+
+@dataclass
+class PipelineConfig:
+    """`dtrain pipeline FILE`: stages that each train one Ray Train run, in order, each initialised
+    from (and, for reflow, taught by) the one before; then every stage is evaluated."""
+    name: str = "pipeline"  # runs are <train.storage_path>/<name>-<stage name>; state in <name>.pipeline.json
+    config: str = ""  # the experiment config every stage starts from (relative to this file)
+    overrides: list[str] = field(default_factory=list)  # key=value onto it for every stage
+    stages: list[StageSpec] = field(default_factory=list)
+    eval: PipelineEvalSpec = field(default_factory=PipelineEvalSpec)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """A pipeline file and `key=value` overrides (onto the experiment config of every stage) -> the
+    pipeline, every stage's config validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    typed: PipelineConfig = OmegaConf.to_object(_merge(OmegaConf.structured(PipelineConfig), _load_yaml(path),
+                                                       str(path)))  # type: ignore[assignment]
+    _check(bool(typed.config), "config", f"{path} names no experiment config")
+    _check(bool(typed.stages), "stages", f"{path} lists no stage")
+    typed.config = str((path.parent / typed.config).resolve())
+    typed.overrides = [*typed.overrides, *overrides]
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(typed.stages):
+        if not spec.name:
+            seen[spec.kind] = seen.get(spec.kind, 0) + 1
+            spec.name = spec.kind if seen[spec.kind] == 1 else f"{spec.kind}{seen[spec.kind]}"
+        _check(i > 0 or spec.kind == "pretrain", f"stages[{i}].kind", "the first stage must be pretrain")
+        _check(spec.pairs.count > 0 and spec.pairs.count % spec.pairs.per_shard == 0, f"stages[{i}].pairs.count",
+               f"{spec.pairs.count} is not a positive multiple of pairs.per_shard={spec.pairs.per_shard}")
+    names = [s.name for s in typed.stages]
+    _check(len(set(names)) == len(names), "stages", f"stage names repeat: {names}")
+    from dtrain.diffusion.samplers import SAMPLERS
+
+    for i, spec in enumerate(typed.stages):
+        _check(spec.pairs.sampler in SAMPLERS, f"stages[{i}].pairs.sampler", f"'{spec.pairs.sampler}' is not one of {SAMPLERS}")
+        try:
+            # every stage's config is checked before the first one trains (a distill stage's teacher, the
+            # stage before it, is known only then)
+            stage_config(typed, spec, ["stage.teacher=previous-stage"] if spec.kind == "distill" else [])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: stage '{spec.name}': {e}") from None
+    bad = [v for v in typed.eval.samplers if v not in SAMPLERS]
+    _check(not bad, "eval.samplers", f"{bad} not among {', '.join(SAMPLERS)}")
+    return typed
+
+
+def stage_config(pipeline: PipelineConfig, spec: StageSpec, extra: list[str] | tuple[str, ...] = ()) -> Config:
+    """The experiment Config of one pipeline stage: the pipeline's config and overrides, the stage's own,
+    its kind, then `extra` (run name, parent, pair shards: what the pipeline decides at run time)."""
+    return load_config(pipeline.config, [*pipeline.overrides, *spec.overrides, f"stage.name={spec.kind}", *extra])
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
@@ -135,6 +236,13 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad key '{key}': {str(e).splitlines()[0]}") from None
 
 
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml's parser and scanner errors: a file that is not YAML
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]} ({' '.join(str(e).split()[-6:])})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- `key=value` overrides, then validated. Returns a typed Config."""
     cfg = OmegaConf.structured(Config)
@@ -142,7 +250,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg = _merge(cfg, _load_yaml(path), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -176,6 +284,8 @@ def _check(ok: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express. Runs in the driver, before any worker."""
     from dtrain.diffusion import OBJECTIVES
+    from dtrain.diffusion.samplers import SAMPLERS
+    from dtrain.train.stages import STAGES
     from dtrain.models import BACKBONES
     from dtrain.precision import PRECISIONS
 
@@ -189,6 +299,20 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= m.class_dropout < 1.0, "model.class_dropout", "must be in [0, 1)")
     _check(cfg.objective.name in OBJECTIVES, "objective.name",
            f"'{cfg.objective.name}' is not one of {sorted(OBJECTIVES)}")
+    o = cfg.objective
+    _check(o.prediction in ("eps", "v", "x0"), "objective.prediction", f"'{o.prediction}' is not eps, v or x0")
+    _check(o.schedule in ("cosine", "vp_linear"), "objective.schedule", f"'{o.schedule}' is not cosine or vp_linear")
+    _check(cfg.stage.name in STAGES, "stage.name", f"'{cfg.stage.name}' is not one of {sorted(STAGES)}")
+    _check(cfg.stage.name != "reflow" or o.name == "rectified_flow", "stage.name",
+           f"reflow straightens a flow: it needs objective.name=rectified_flow (got {o.name})")
+    st = cfg.stage
+    _check(st.name != "distill" or bool(st.teacher), "stage.teacher", "stage distill needs a teacher checkpoint")
+    _check(st.name != "distill" or o.name == "rectified_flow", "stage.name",
+           f"the distilled student is a flow: distill needs objective.name=rectified_flow (got {o.name})")
+    _check(st.teacher_solver in ("euler", "heun"), "stage.teacher_solver", f"'{st.teacher_solver}' is not euler or heun")
+    _check(0.0 <= st.target_decay < 1.0, "stage.target_decay", "must be in [0, 1)")
+    _check(1 <= st.intervals[0] <= st.intervals[1], "stage.intervals", f"{list(st.intervals)}: need 1 <= start <= end")
+    _check(cfg.sample.sampler in SAMPLERS, "sample.sampler", f"'{cfg.sample.sampler}' is not one of {', '.join(SAMPLERS)}")
     _check(cfg.objective.time_sampling in ("uniform", "logit_normal"), "objective.time_sampling",
            "must be uniform or logit_normal")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not 0, 1, 2 or 3")

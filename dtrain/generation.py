@@ -1,6 +1,7 @@
-"""The one sampling entry point: (labels, seeds, steps, guidance) -> images, decoded when latent.
+"""The one sampling entry point: (labels, seeds, steps, guidance, sampler) -> images, decoded when latent.
 
-The CLI's `dtrain sample`, the training loop's W&B grids and the serving replicas all call `render`,
+The CLI's `dtrain sample`, the training loop's W&B grids, evaluation and the serving replicas call
+`render`; reflow pair generation calls its first half, `solve` (the ODE's end state, not decoded),
 so noise, precision and latent decoding are decided in one place. A checkpoint trained on VAE
 latent shards records the VAE in its meta (`meta["latents"] = {vae_dir, scaling_factor,
 shift_factor}`, see `dtrain.data.latents.latents_meta`); its samples are decoded through that VAE.
@@ -16,15 +17,18 @@ import torch
 
 from dtrain.checkpoint import CheckpointError
 from dtrain.data.latents import decode_latents, load_vae
-from dtrain.diffusion.samplers import generate, initial_noise
+from dtrain.diffusion import prediction_and_path
+from dtrain.diffusion.parameterization import Denoiser
+from dtrain.diffusion.samplers import guided, initial_noise, sample
+from dtrain.diffusion.samplers import nfe as solver_nfe
 from dtrain.images import grid, to_uint8
 from dtrain.models import build_model
 from dtrain.precision import DTYPES
 
 
-def nfe(steps: int, guidance: float) -> int:
-    """Network evaluations `render` spends per image: one per step, two with guidance (CFG)."""
-    return steps * (1 if guidance == 1.0 else 2)
+def nfe(steps: int, guidance: float, sampler: str = "euler") -> int:
+    """Network evaluations `render` spends per image (guidance, CFG, doubles them)."""
+    return solver_nfe(sampler, steps, guidance)
 
 
 @functools.lru_cache(maxsize=4)
@@ -62,29 +66,40 @@ def _in_dtype(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return net if p.dtype == dtype else copy.deepcopy(net).to(dtype)
 
 
-def render(net: torch.nn.Module, cfg, meta: dict, labels: torch.Tensor, seeds: list[int], steps: int,
-           guidance: float, precision: str = "fp32") -> torch.Tensor:
-    """Class-conditional images [B, C, H, W] in [-1, 1] (C, H, W = image_shape(cfg, meta)).
-
-    labels: [B] long class labels; seeds: B ints, one noise generator each, so an image depends on its
-    seed alone and not on how it was batched. Euler steps with classifier-free guidance (`nfe(steps,
-    guidance)` network calls per image). The net runs in `precision` (bf16 | fp32 | fp16); the ODE state
-    and the VAE stay in float32."""
+def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
+          precision: str = "fp32", sampler: str = "euler") -> torch.Tensor:
+    """The ODE's end state [B, C, h, w] in the net's own space (latents stay latents), from the noise
+    `initial_noise(seeds)`. labels: [B] long class labels; seeds: B ints, one noise generator each, so a
+    sample depends on its seed alone and not on how it was batched. `sampler` (euler | heun | ddim) takes
+    `steps` steps with classifier-free guidance, `nfe(steps, guidance, sampler)` network calls per image,
+    whatever the net predicts (velocity, eps, v, x0: cfg.objective says). The net runs in `precision`
+    (bf16 | fp32 | fp16); the ODE state stays in float32."""
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds: one seed per image")
-    vae = latent_vae(meta)  # before sampling: a missing VAE fails fast, not after all the steps
     m, dtype = cfg.model, DTYPES[precision]
     run = _in_dtype(net, dtype)
     device = next(run.parameters()).device
     # t stays float32: the timestep embedding computes its sinusoids in float32 itself
-    fn = lambda x, t, c: run(x.to(dtype), t, c).float()  # noqa: E731
+    net_fn = lambda x, t, c: run(x.to(dtype), t, c).float()  # noqa: E731
+    prediction, path = prediction_and_path(cfg.objective)
     noise = initial_noise((m.in_channels, m.image_size, m.image_size), seeds).to(device)
     was_training = run.training
     run.eval()  # in train mode the label embedder drops labels at random (CFG training): never when sampling
     try:
-        x = generate(fn, labels.to(device), noise, steps, guidance, null_label=m.num_classes).cpu()
+        denoiser = Denoiser(guided(net_fn, labels.to(device), guidance, m.num_classes), prediction, path)
+        # the consistency sampler's fresh noise at step k, per image from its seed alone
+        renoise = lambda k: initial_noise(noise.shape[1:], [(s * 1_000_003 + k) % 2**63 for s in seeds])  # noqa: E731
+        return sample(sampler, denoiser, noise, steps, renoise=renoise).cpu()
     finally:
         run.train(was_training)
+
+
+def render(net: torch.nn.Module, cfg, meta: dict, labels: torch.Tensor, seeds: list[int], steps: int,
+           guidance: float, precision: str = "fp32", sampler: str = "euler") -> torch.Tensor:
+    """Class-conditional images [B, C, H, W] in [-1, 1] (C, H, W = image_shape(cfg, meta)): `solve`,
+    then decoded through the checkpoint's VAE when it was trained on latents (the VAE in float32)."""
+    vae = latent_vae(meta)  # before sampling: a missing VAE fails fast, not after all the steps
+    x = solve(net, cfg, labels, seeds, steps, guidance, precision, sampler)
     if vae is None:
         return x
     lat = meta["latents"]
@@ -93,10 +108,10 @@ def render(net: torch.nn.Module, cfg, meta: dict, labels: torch.Tensor, seeds: l
 
 def grid_from_weights(weights: dict, cfg, meta: dict, per_class: int = 4, precision: str = "fp32") -> np.ndarray:
     """A uint8 grid (rows = classes, `per_class` columns) from consolidated weights, for the training
-    loop's W&B images. Seeds 0..N-1, cfg.sample's steps and guidance."""
+    loop's W&B images. Seeds 0..N-1, cfg.sample's sampler, steps and guidance."""
     net = build_model(cfg.model)
     net.load_state_dict(weights)
     m, s = cfg.model, cfg.sample
     labels = torch.arange(m.num_classes).repeat_interleave(per_class)
-    x = render(net.eval(), cfg, meta, labels, list(range(len(labels))), s.steps, s.guidance, precision)
+    x = render(net.eval(), cfg, meta, labels, list(range(len(labels))), s.steps, s.guidance, precision, s.sampler)
     return grid(to_uint8(x), per_class)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 
 import ray
 
@@ -49,3 +51,28 @@ def pin_threads(cpus: float | None = None) -> int:
 
     torch.set_num_threads(n)
     return n
+
+
+def run_tasks(fn, args: list[tuple], desc: str, num_cpus: float = 1.0) -> list:
+    """fn(*a) for every a in `args` as Ray tasks spread over the cluster (one CPU each by default),
+    with a progress line per finished task; results in the order of `args`. Each task pins its threads
+    to its CPUs. Ray retries a task whose
+    worker died; an exception in `fn` is raised here."""
+    from tqdm import tqdm
+
+    def pinned(*a):  # a task runs as many threads as the CPUs it was given
+        pin_threads(num_cpus)
+        return fn(*a)
+
+    remote = ray.remote(num_cpus=num_cpus)(pinned)
+    refs = [remote.remote(*a) for a in args]
+    index = {r: i for i, r in enumerate(refs)}
+    results: list = [None] * len(refs)
+    pending, began = list(refs), time.perf_counter()
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        results[index[done[0]]] = ray.get(done[0])
+        meter = tqdm.format_meter(len(refs) - len(pending), len(refs), time.perf_counter() - began,
+                                  ncols=90, prefix=desc)
+        print(f"[dtrain] {meter}", file=sys.stderr, flush=True)  # stderr: stdout may carry --json
+    return results

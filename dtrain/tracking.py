@@ -1,10 +1,10 @@
 """Trackers: W&B on rank 0 (offline without an API key), a metrics.jsonl always, null elsewhere."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -40,21 +40,39 @@ class JsonlTracker(NullTracker):
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
 
+STEP_KEY = "train_step"  # the x axis of every W&B chart
+
+
+def stable_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run directory: made once and kept in it (`wandb_id`), so a restarted or
+    resumed run keeps writing to the same W&B run even when the directory has moved."""
+    path = run_dir / "wandb_id"
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".wandb_id.tmp")
+        tmp.write_text(uuid.uuid4().hex[:16])
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
 class WandbTracker(NullTracker):
-    def __init__(self, project: str, run_name: str, run_dir: Path, mode: str, config: dict):
+    def __init__(self, project: str, run_name: str, run_dir: Path, mode: str, config: dict, group: str | None = None):
         import wandb
 
         self.wandb = wandb
-        # One id per run directory: a restarted or resumed run keeps writing to the same W&B run.
-        run_id = f"{run_name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
-        self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
-                              mode=mode, config=config, settings=wandb.Settings(silent=True))
+        self.run = wandb.init(project=project, name=run_name, id=stable_run_id(run_dir), resume="allow",
+                              dir=str(run_dir), group=group, mode=mode, config=config,
+                              settings=wandb.Settings(silent=True))
+        # Charts use our step as their x axis, not W&B's own step: a run restarted from an earlier
+        # checkpoint logs steps W&B has seen again, and W&B drops anything logged at a step below its own.
+        self.run.define_metric(STEP_KEY)
+        self.run.define_metric("*", step_metric=STEP_KEY)
 
     def log(self, metrics, step):
-        self.run.log(metrics, step=step)
+        self.run.log({**metrics, STEP_KEY: step})
 
     def log_image(self, key, image, step):
-        self.run.log({key: self.wandb.Image(image)}, step=step)
+        self.run.log({key: self.wandb.Image(image), STEP_KEY: step})
 
     def finish(self):
         self.run.finish()
@@ -90,5 +108,32 @@ def make_tracker(cfg, rank: int, run_dir: Path, config_dict: dict, resume_step: 
     trackers = [JsonlTracker(run_dir / "metrics.jsonl", resume_step)]
     mode = wandb_mode(cfg.tracking.mode)
     if cfg.tracking.wandb and mode != "disabled":
-        trackers.append(WandbTracker(cfg.tracking.project, cfg.train.run_name, run_dir, mode, config_dict))
+        trackers.append(WandbTracker(cfg.tracking.project, cfg.train.run_name, run_dir, mode, config_dict,
+                                     cfg.tracking.group))
     return MultiTracker(*trackers)
+
+
+def log_eval(ckpt: Path, cfg, result: dict, images: dict[str, Path] | None = None) -> bool:
+    """Add an evaluation's rows (a W&B table and eval/<metric>@<sampler>-<steps> summaries) and
+    `images` (name -> PNG) to the W&B run that trained checkpoint `ckpt`, at its step. Only where
+    that run used W&B (its run directory keeps a `wandb_id`); returns whether it logged."""
+    run_dir = Path(ckpt).parent
+    mode = wandb_mode(cfg.tracking.mode)
+    if not (run_dir / "wandb_id").is_file() or not cfg.tracking.wandb or mode == "disabled":
+        return False
+    import wandb
+
+    run = wandb.init(project=cfg.tracking.project, id=stable_run_id(run_dir), resume="allow", dir=str(run_dir),
+                     mode=mode, group=cfg.tracking.group, settings=wandb.Settings(silent=True))
+    rows = result["rows"]
+    columns = sorted({k for r in rows for k in r if not isinstance(r[k], (dict, list))})
+    logged = {"eval/table": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows]),
+              STEP_KEY: result.get("step") or 0}
+    for r in rows:
+        for k in ("fd", "class_acc", "straightness", "tv", "log_lik_gap"):
+            if r.get(k) is not None:
+                logged[f"eval/{k}@{r['sampler']}-{r['steps']}"] = r[k]
+    logged.update({f"eval/{name}": wandb.Image(str(p)) for name, p in (images or {}).items()})
+    run.log(logged)
+    run.finish()
+    return True

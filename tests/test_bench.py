@@ -56,7 +56,7 @@ def test_torch_ddp_baseline_runs_on_digits_shards(digits_dir):
 def test_zero3_holds_half_the_parameter_bytes_of_zero0(ray_cluster):
     from dtrain.bench.zero import run
 
-    rows, summary = run(stages=(0, 3), num_workers=2, overrides=["model.size=tiny"])
+    rows, summary = run(stages=(0, 3), num_workers=2, overrides=["model.size=tiny", "model.image_size=8", "data.batch_size=4"])
     zero0, zero3 = rows
     assert (zero0["stage"], zero3["stage"]) == (0, 3)
     assert zero0["params_B"] == pytest.approx(2.0, rel=0.01)  # bf16 weights, all of them on every rank

@@ -172,14 +172,14 @@ def test_cli_eval_prints_json_and_names_bad_input(tiny_checkpoint, monkeypatch, 
     from dtrain.cli import main
 
     monkeypatch.setenv("DTRAIN_CACHE", str(tmp_path / "cache"))  # the classifier trains once into it
-    r = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), "--steps", "1,2", "--json",
+    r = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), "--in-process", "--steps", "1,2", "--json",
                                   "--plot", str(tmp_path / "fd.png")])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     assert [row["nfe"] for row in res["rows"]] == [2, 4] and res["noise_floor_fd"] > 0
     assert (tmp_path / "fd.png").is_file()
     for bad in (["--steps", "1,x"], ["--steps", "0"], ["--feature-net", "clip"]):
-        r = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), *bad])
+        r = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), "--in-process", *bad])
         assert r.exit_code == 2 and "Traceback" not in r.output, (bad, r.output)
 
 
@@ -205,3 +205,37 @@ def test_audit_of_a_checkpoint(tiny_checkpoint, classifier, tmp_path):
     res = audit_checkpoint(tiny_checkpoint, n=60, steps=2, train_shards=shards, classifier=classifier)
     assert res["n"] == 60 and abs(sum(res["shares"]) - 1) < 1e-3 and res["reference"] == [0.1] * 10
     assert "KL" in format_audit(res) and plot_audit(res, tmp_path / "audit.png").is_file()
+
+
+def test_eval_sampling_as_ray_tasks_gives_the_in_process_figures(ray_cluster, tiny_checkpoint, classifier):
+    from dtrain.eval.digits import evaluate_checkpoint
+
+    kw = dict(steps_list=(1, 2), classifier=classifier, seed=0, batch_size=20, samplers=("euler", "heun"))
+    tasks = evaluate_checkpoint(tiny_checkpoint, use_ray=True, **kw)  # 50 images: 3 chunks per row, 12 tasks
+    local = evaluate_checkpoint(tiny_checkpoint, use_ray=False, **kw)
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in tasks["rows"]] == [
+        ("euler", 1, 2), ("euler", 2, 4), ("heun", 1, 2), ("heun", 2, 6)]
+    for a, b in zip(tasks["rows"], local["rows"]):
+        assert a["fd"] == pytest.approx(b["fd"], rel=1e-9) and a["class_acc"] == b["class_acc"]
+        assert a["straightness"] == b["straightness"]
+    assert tasks["rows"][2]["straightness"] is None  # straightness is measured on Euler rows
+
+
+def test_eval_logs_to_the_w_and_b_run_that_trained_the_checkpoint(tmp_path, monkeypatch):
+    from dtrain.checkpoint import write_inference_files
+    from dtrain.config import load_config
+    from dtrain.models import build_model
+    from dtrain.tracking import log_eval, stable_run_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    cfg = load_config(None, ["model.size=tiny", "model.image_size=8", "tracking.mode=offline"])
+    write_inference_files(run / "checkpoint_00000003", build_model(cfg.model).state_dict(), cfg, {"step": 3})
+    result = {"step": 3, "rows": [{"sampler": "euler", "steps": 1, "nfe": 2, "fd": 12.5, "class_acc": 0.5,
+                                   "straightness": None}]}
+    assert not log_eval(run / "checkpoint_00000003", cfg, result)  # the run never used W&B: nothing to log to
+    run_id = stable_run_id(run)  # what the training run's tracker would have made
+    assert log_eval(run / "checkpoint_00000003", cfg, result)
+    assert stable_run_id(run) == run_id  # the id is kept, not made again
+    written = list((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert written and written[0].stat().st_size > 0

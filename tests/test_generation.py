@@ -60,3 +60,29 @@ def test_nfe_and_grid_from_weights(ckpt):
     assert nfe(8, 1.0) == 8 and nfe(8, 2.0) == 16
     g = grid_from_weights(net.state_dict(), cfg, {}, per_class=3)
     assert g.dtype == np.uint8 and g.shape == (10 * 9 + 1, 3 * 9 + 1)  # rows = classes, 8 px cells, 1 px pad
+
+
+class _Counting(torch.nn.Module):
+    """Counts the images the net is evaluated on (a CFG call evaluates each image twice)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows = net, 0
+
+    def forward(self, x, t, c):
+        self.rows += x.shape[0]
+        return self.net(x, t, c)
+
+
+@pytest.mark.parametrize("objective", [["objective.name=rectified_flow"],
+                                       ["objective.name=ddpm", "objective.prediction=eps", "objective.schedule=cosine"],
+                                       ["objective.name=ddpm", "objective.prediction=v", "objective.schedule=vp_linear"]])
+def test_every_sampler_renders_every_parameterisation_at_the_nfe_it_reports(objective):
+    cfg = load_config(None, ["model.size=tiny", "model.image_size=8", "model.patch_size=2", *objective])
+    torch.manual_seed(0)
+    net = build_model(cfg.model).eval()
+    for sampler in ("euler", "heun", "ddim"):
+        counting = _Counting(net)
+        x = render(counting, cfg, {}, torch.tensor([1, 2, 3]), [0, 1, 2], steps=3, guidance=2.0, sampler=sampler)
+        assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+        assert counting.rows == 3 * nfe(3, 2.0, sampler)  # heun: 2 * 3 - 1 evaluations, x2 with guidance

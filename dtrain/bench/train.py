@@ -78,7 +78,7 @@ def torch_worker(rank: int, world: int, cfg_yaml: str, warmup: int, port: int, q
             start = time.perf_counter()
         torch.manual_seed(step_seed(t.seed, rank, step))
         x, y = next(batches)
-        loss = loss_fn(model_fn, x, y).mean()
+        loss = loss_fn(model_fn, {"x": x, "cond": y}).mean()
         loss.backward()
         if master is not params:
             for m, p in zip(master, params):

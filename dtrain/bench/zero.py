@@ -132,7 +132,7 @@ def zero_worker(cfg_dict: dict) -> list[dict] | None:
     y = torch.randint(0, m.num_classes, (cfg.data.batch_size,))
     micro_batches = cfg_dict["steps"] * cfg.train.grad_accum_steps
     for micro in range(micro_batches + 1):  # DeepSpeed steps the optimizer at each step's last micro-batch
-        loss = loss_fn(lambda xt, t, c: engine(xt.to(dtype), t, c).float(), x, y).mean()
+        loss = loss_fn(lambda xt, t, c: engine(xt.to(dtype), t, c).float(), {"x": x, "cond": y}).mean()
         engine.backward(loss)
         if micro < micro_batches:
             engine.step()
@@ -147,7 +147,9 @@ def measure(cfg: Config, num_workers: int, steps: int = 2) -> list[dict]:
     """Per-rank measurements of one short Ray Train run (a fresh worker group, so RSS is its own)."""
     ensure_ray(cfg.scaling.address, num_workers * cfg.scaling.cpus_per_worker)
     with tempfile.TemporaryDirectory() as storage:
-        trainer = TorchTrainer(
+        from dtrain.train.driver import LocalTorchTrainer
+
+        trainer = (TorchTrainer if cfg.scaling.address else LocalTorchTrainer)(
             zero_worker, train_loop_config={"yaml": to_yaml(cfg), "steps": steps},
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=num_workers,

@@ -1,7 +1,9 @@
 """WebDataset shards: write (image, class) samples; read them back as batches split by rank.
 
 A sample is `{__key__, png, cls}`: a PNG image (grayscale or RGB) and an integer class label, or
-`{__key__, latent.npy, cls}`: precomputed VAE latents [C, h, w] (written by `dtrain.data.latents`).
+`{__key__, latent.npy, cls}`: precomputed VAE latents [C, h, w] (written by `dtrain.data.latents`), or
+`{__key__, x.npy, noise.npy, cls, seed}`: a reflow pair, a teacher's sample and the noise it started
+from (written by `dtrain.train.pairs`).
 Reading is deterministic: epoch e shuffles the shard list with (seed, e), rank r takes every
 world-th shard, DataLoader worker w every n-th of those, and the sample buffer is seeded too, so a
 resumed run can skip exactly the batches it already consumed.
@@ -71,9 +73,16 @@ def absolute_urls(urls: str) -> str:
     return "::".join(p if "://" in p else os.path.abspath(p) for p in urls.split("::"))
 
 
-def decode_sample(sample: dict) -> tuple[torch.Tensor, int]:
+def _array(data: bytes) -> torch.Tensor:
+    return torch.tensor(np.load(io.BytesIO(data)), dtype=torch.float32)
+
+
+def decode_sample(sample: dict) -> tuple:
+    """(x [C, H, W], label) or, for a reflow pair, (x, label, noise [C, H, W])."""
+    if "noise.npy" in sample:
+        return _array(sample["x.npy"]), int(sample["cls"]), _array(sample["noise.npy"])
     if "latent.npy" in sample:  # latents are used as encoded: already scaled, no [-1, 1] mapping
-        return torch.tensor(np.load(io.BytesIO(sample["latent.npy"])), dtype=torch.float32), int(sample["cls"])
+        return _array(sample["latent.npy"]), int(sample["cls"])
     img = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.float32) / 127.5 - 1.0  # [-1, 1]
     x = torch.from_numpy(img)
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # [C, H, W]
@@ -99,20 +108,20 @@ def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch
 
 def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, shuffle_buffer: int,
                   loader_workers: int = 0, skip: int = 0,
-                  on_corrupt: CorruptShards | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  on_corrupt: CorruptShards | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless stream of (x [B, C, H, W], labels [B]) for this rank, epoch after epoch: images in
-    [-1, 1], or latents as stored.
+    [-1, 1], or latents as stored; pair shards add their noise (x, labels, noise [B, C, H, W]).
     `skip` batches are dropped first: that is how a resumed run continues where it stopped."""
     epoch, seen = 0, 0
     while True:
         ds = epoch_dataset(urls, rank, world, epoch, seed, batch_size, shuffle_buffer, on_corrupt)
         loader = wds.WebLoader(ds, batch_size=None, num_workers=loader_workers) if loader_workers else ds
         produced = 0
-        for x, y in loader:
+        for x, y, *rest in loader:
             produced += 1
             seen += 1
             if seen > skip:
-                yield x, torch.as_tensor(y)
+                yield x, torch.as_tensor(y), *rest
         if produced == 0:
             raise DataError(f"rank {rank} got no full batch of {batch_size} from {urls} in epoch {epoch}")
         epoch += 1
@@ -122,7 +131,7 @@ def load_images(urls: str, limit: int | None = None) -> tuple[torch.Tensor, torc
     """All (or the first `limit`) samples of some shards, in order: for evaluation and tests."""
     xs, ys = [], []
     for sample in wds.DataPipeline(wds.SimpleShardList(expand_urls(urls)), wds.tarfile_to_samples()):
-        x, y = decode_sample(sample)
+        x, y, *_ = decode_sample(sample)
         xs.append(x)
         ys.append(y)
         if limit and len(xs) >= limit:

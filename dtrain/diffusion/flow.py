@@ -11,28 +11,58 @@ from typing import Callable
 
 import torch
 
+from dtrain.diffusion.paths import PATHS
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def check_time_sampling(how: str) -> None:
+    if how not in TIME_SAMPLINGS:
+        raise ValueError(f"unknown time_sampling {how!r}: choose one of {', '.join(TIME_SAMPLINGS)}")
 
 
 def sample_time(n: int, how: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Training times t [n]: uniform, or logit-normal (SD3, Esser et al. 2024, Eq. 19), which
     weights the middle of the path where the velocity is hardest to predict."""
+    check_time_sampling(how)
     if how == "uniform":
         return torch.rand(n, generator=generator)
     return torch.sigmoid(torch.randn(n, generator=generator))
 
 
+def batch_noise(batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The noise paired with batch["x"] [B, ...]: batch["noise"] when the data brings it (reflow pairs),
+    else fresh N(0, I) drawn on the CPU (with `generator` when given) and moved to x."""
+    x = batch["x"]
+    if batch.get("noise") is not None:
+        return batch["noise"].to(x)
+    return torch.randn(x.shape, generator=generator).to(x)
+
+
 class RectifiedFlowLoss:
-    """loss(net, x1, cond) -> per-sample mean squared velocity error [B]."""
+    """loss(model_fn, batch) -> per-sample mean squared velocity error [B]."""
+
+    prediction = "velocity"
+    path = PATHS["linear"]
 
     def __init__(self, time_sampling: str = "logit_normal"):
+        check_time_sampling(time_sampling)  # fail now, not at the first step
         self.time_sampling = time_sampling
 
-    def __call__(self, net: ModelFn, x1: torch.Tensor, cond: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        x0 = torch.randn(x1.shape, generator=generator).to(x1)
-        t = sample_time(x1.shape[0], self.time_sampling, generator).to(x1)
+    @classmethod
+    def from_config(cls, objective_cfg) -> "RectifiedFlowLoss":
+        return cls(time_sampling=objective_cfg.time_sampling)
+
+    @classmethod
+    def prediction_and_path(cls, objective_cfg) -> tuple:
+        return cls.prediction, cls.path
+
+    def __call__(self, model_fn: ModelFn, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        x1 = batch["x"]  # [B, ...] data
+        x0 = batch_noise(batch, generator)  # [B, ...] noise
+        t = sample_time(x1.shape[0], self.time_sampling, generator).to(x1)  # [B]
         tb = t.view(-1, *([1] * (x1.ndim - 1)))
         xt = tb * x1 + (1 - tb) * x0
-        v = net(xt, t, cond)
+        v = model_fn(xt, t, batch["cond"])
         return (v.float() - (x1 - x0).float()).pow(2).flatten(1).mean(1)

@@ -1,6 +1,8 @@
 """Samplers as pure functions (k-diffusion style): schedules, solvers and guidance are separate.
 
-fn(x, t) -> velocity is all a solver sees; guidance and conditioning wrap the network into fn.
+fn(x, t) -> velocity is all an ODE solver sees (Euler, Heun); DDIM sees a Denoiser's (x_hat, eps_hat).
+Guidance and conditioning wrap the network into fn; dtrain.diffusion.parameterization.Denoiser turns
+fn's raw output (velocity, eps, v or x0) into what the solver needs.
 """
 from __future__ import annotations
 
@@ -8,7 +10,11 @@ from typing import Callable
 
 import torch
 
+from dtrain.diffusion.parameterization import Denoiser
+from dtrain.diffusion.paths import PATHS
+
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SAMPLERS = ("euler", "heun", "ddim", "consistency")
 
 
 def flow_times(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -26,9 +32,83 @@ def sample_euler(fn: VelocityFn, x: torch.Tensor, ts: torch.Tensor) -> torch.Ten
     return x
 
 
+def sampling_times(path, steps: int, shift: float = 1.0) -> torch.Tensor:
+    """steps+1 times from path.t_min to exactly 1: flow_times rescaled onto [t_min, 1]."""
+    return 1 - (1 - path.t_min) * (1 - flow_times(steps, shift))  # written so the last time is 1.0 exactly
+
+
+@torch.no_grad()
+def sample_heun(fn: VelocityFn, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1, deterministic) over ts. The corrector is
+    skipped on the last interval, as Alg. 1 does when sigma_{i+1} = 0, so fn is never evaluated at
+    t = 1: 2 (len(ts) - 1) - 1 calls to fn."""
+    last = len(ts) - 2
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        h = t_next - t
+        d = fn(x, t.expand(x.shape[0]).to(x))
+        x_euler = x + h * d
+        if i == last:
+            return x_euler
+        d_next = fn(x_euler, t_next.expand(x.shape[0]).to(x))
+        x = x + h * 0.5 * (d + d_next)  # trapezoidal correction (Alg. 1, lines 7-8)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (Song, Meng & Ermon 2021, Eq. 12 with eta = 0) over ts on denoiser.path:
+        x_next = alpha(t_next) x_hat + sigma(t_next) eps_hat,
+    one call per step. On the linear path this is Euler's step exactly."""
+    path = denoiser.path
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x_hat, eps_hat = denoiser.x_eps(x, t.expand(x.shape[0]).to(x))  # each [B, ...]
+        t_next = t_next.to(x)
+        x = path.alpha(t_next) * x_hat + path.sigma(t_next) * eps_hat
+    return x
+
+
+@torch.no_grad()
+def sample_consistency(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor,
+                       renoise: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): jump to data with the consistency
+    function f(x, t) = x_hat, then re-noise to the next time with fresh noise `renoise(k)` [B, ...] and
+    jump again; one network evaluation per step. One step is the same as one Euler or DDIM step."""
+    path, last = denoiser.path, len(ts) - 2
+    for k, t in enumerate(ts[:-1]):
+        x0 = denoiser.x_eps(x, t.expand(x.shape[0]).to(x))[0]
+        if k == last:
+            return x0
+        x = path.alpha(ts[k + 1]) * x0 + path.sigma(ts[k + 1]) * renoise(k + 1).to(x)
+    return x
+
+
+def nfe(sampler: str, steps: int, guidance: float) -> int:
+    """Network evaluations per image for `steps` steps of `sampler`; guidance != 1 doubles them."""
+    per_image = {"euler": steps, "heun": 2 * steps - 1, "ddim": steps, "consistency": steps}
+    if sampler not in per_image:
+        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    return per_image[sampler] * (1 if guidance == 1.0 else 2)
+
+
+@torch.no_grad()
+def sample(sampler: str, denoiser: Denoiser, x: torch.Tensor, steps: int, shift: float = 1.0,
+           renoise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """Integrate from noise x [B, ...] at path.t_min to data at t = 1 in `steps` steps of `sampler`.
+    renoise(k): the fresh noise [B, ...] the consistency sampler adds at its step k (default: random)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    ts = sampling_times(denoiser.path, steps, shift).to(x.device)
+    if sampler == "ddim":
+        return sample_ddim(denoiser, x, ts)
+    if sampler == "consistency":
+        return sample_consistency(denoiser, x, ts, renoise or (lambda k: torch.randn_like(x)))
+    return (sample_euler if sampler == "euler" else sample_heun)(denoiser.velocity, x, ts)
+
+
 def guided(net, cond: torch.Tensor, scale: float, null_label: int) -> VelocityFn:
-    """Classifier-free guidance (Ho & Salimans 2022): v = v_uncond + s (v_cond - v_uncond).
-    Conditional and unconditional halves run as one batch; scale 1 skips the unconditional pass."""
+    """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) on the raw output, whatever the net predicts:
+    out = out_uncond + s (out_cond - out_uncond). Conditional and unconditional halves run as one batch;
+    scale 1 skips the unconditional pass."""
     if scale == 1.0:
         return lambda x, t: net(x, t, cond)
     null = torch.full_like(cond, null_label)
@@ -47,6 +127,9 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(net, cond: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float,
-             null_label: int, shift: float = 1.0) -> torch.Tensor:
-    """Class-conditional samples [B, C, H, W] in about [-1, 1]: guided Euler from `noise`."""
-    return sample_euler(guided(net, cond, guidance, null_label), noise, flow_times(steps, shift))
+             null_label: int, shift: float = 1.0, sampler: str = "euler", prediction: str = "velocity",
+             path=PATHS["linear"]) -> torch.Tensor:
+    """Class-conditional samples [B, C, H, W] in about [-1, 1]: guided `sampler` from `noise`
+    (kept for old callers; `sample` is the entry point)."""
+    denoiser = Denoiser(guided(net, cond, guidance, null_label), prediction, path)
+    return sample(sampler, denoiser, noise, steps, shift)

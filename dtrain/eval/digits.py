@@ -1,7 +1,7 @@
 """Evaluate a digits checkpoint: Frechet distance, class accuracy and straightness against the
 number of network evaluations, beside the reference figures that say what a good value is.
 
-For each Euler step count the same class-balanced labels and the same seeds are sampled with
+For each sampler and step count the same class-balanced labels and the same seeds are sampled with
 `render` (common random numbers: rows differ by their step count alone; an image depends on its
 seed alone, so any batching or split over workers gives the same images). Figures per row:
 
@@ -16,6 +16,7 @@ seed alone, so any batching or split over workers gives the same images). Figure
       S = sum_k dt_k * mean_pixels ||(x_K - x_0) - v_k||^2,
   averaged over images. It is the time-weighted variance of the step velocities: 0 for a straight,
   constant-speed path (so 0 by construction at 1 step), and per pixel so image sizes compare.
+  Measured on Euler rows only (other samplers' rows leave it empty: it describes the model's ODE).
 
 Reference figures: the real validation images split class by class into halves A and B;
 noise_floor_fd = FD(B, A), what real data scores at (about) the same sample count (FD is biased
@@ -25,11 +26,13 @@ honest). Generated images are rounded to uint8 levels first, as the real shards 
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import ray
 import torch
 from torch import nn
 
@@ -41,7 +44,6 @@ from dtrain.eval.features import feature_net as named_feature_net
 from dtrain.eval.frechet import frechet_distance, gaussian_stats
 from dtrain.generation import image_shape, latent_vae, nfe, render
 
-SAMPLER = "euler"  # what `render` integrates with (dtrain.diffusion.samplers.sample_euler)
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 50)
 
 
@@ -71,14 +73,17 @@ def straightness(path: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
 
 
 def generate_for_eval(net: nn.Module, cfg, meta: dict, labels: torch.Tensor, seeds: list[int], steps: int,
-                      guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [B, C, H, W] in about [-1, 1], straightness [B]) from `render` in fp32.
+                      guidance: float, sampler: str = "euler") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images [B, C, H, W] in about [-1, 1], straightness [B], None for other samplers than Euler)
+    from `render` in fp32.
 
     An image depends only on its label, seed, steps and guidance, so batches can run anywhere (Ray
     tasks) and be concatenated. `net` must be a float32 pixel-space model (as load_model returns)."""
     if latent_vae(meta) is not None:
         raise ValueError("straightness needs the ODE's final state, which render decodes for a latent checkpoint: "
                          "evaluate a pixel-space checkpoint")
+    if sampler != "euler":
+        return render(net, cfg, meta, labels, seeds, steps, guidance, "fp32", sampler), None
     probe = _StateProbe(net, len(labels))
     x = render(probe, cfg, meta, labels, seeds, steps, guidance, "fp32")
     times = torch.tensor(probe.times + [1.0], dtype=torch.float64)
@@ -114,8 +119,12 @@ def eval_batch(num_classes: int, samples_per_class: int, seed: int) -> tuple[tor
 def evaluate_checkpoint(ckpt: str | Path, steps_list=DEFAULT_STEPS, samples_per_class: int | None = None,
                         val_shards: str | None = None, seed: int = 0, guidance: float | None = None,
                         feature_net: str | FeatureNet = "digits", classifier: DigitsClassifier | None = None,
-                        batch_size: int = 500, log: Callable[[str], None] | None = None) -> dict:
-    """FD, class accuracy and straightness for each Euler step count in `steps_list` (module docstring).
+                        batch_size: int = 500, log: Callable[[str], None] | None = None,
+                        samplers=("euler",), use_ray: bool | None = None) -> dict:
+    """FD, class accuracy and straightness for each sampler in `samplers` and step count in `steps_list`
+    (module docstring). Sampling runs as Ray tasks over the cluster (one per chunk of `batch_size`
+    images) when Ray is initialised, in this process otherwise (`use_ray` forces either); the chunks
+    are fixed, so the figures are the same either way and for any worker count.
 
     samples_per_class: generated images per class (default: as many as reference half B holds per
     class, so FD and the noise floor see the same sample count). val_shards: the real images
@@ -150,7 +159,7 @@ def evaluate_checkpoint(ckpt: str | Path, steps_list=DEFAULT_STEPS, samples_per_
     ref = gaussian_stats(fnet.features(real[idx_a]))
     result = {
         "checkpoint": str(resolve(ckpt)), "step": meta.get("step"), "val_shards": shards, "seed": seed,
-        "guidance": g, "sampler": SAMPLER, "feature_net": fnet.name, "classifier": clf.name,
+        "guidance": g, "samplers": list(samplers), "feature_net": fnet.name, "classifier": clf.name,
         "classifier_val_acc": clf.val_acc, "n_ref": len(idx_a), "n_floor": len(idx_b), "n_samples": spc * 10,
         "noise_floor_fd": frechet_distance(*gaussian_stats(fnet.features(real[idx_b])), *ref),
         "real_class_acc": accuracy(clf.logits(real), real_y),
@@ -159,29 +168,54 @@ def evaluate_checkpoint(ckpt: str | Path, steps_list=DEFAULT_STEPS, samples_per_
         "rows": [],
     }
     labels, seeds = eval_batch(m.num_classes, spc, seed)
-    for steps in steps_list:
-        start = time.perf_counter()
-        parts = [generate_for_eval(net, cfg, meta, labels[i:i + batch_size], seeds[i:i + batch_size], steps, g)
-                 for i in range(0, len(labels), batch_size)]
-        x = as_stored(torch.cat([p[0] for p in parts]))
-        s = torch.cat([p[1] for p in parts])
-        row = {"sampler": SAMPLER, "steps": steps, "nfe": nfe(steps, g), "guidance": g,
+    rows = [(sampler, steps) for sampler in samplers for steps in steps_list]
+    chunks = [(sampler, steps, i) for sampler, steps in rows for i in range(0, len(labels), batch_size)]
+    args = [(str(resolve(ckpt)), labels[i:i + batch_size], seeds[i:i + batch_size], steps, g, sampler)
+            for sampler, steps, i in chunks]
+    start = time.perf_counter()
+    if ray.is_initialized() if use_ray is None else use_ray:
+        from dtrain.runtime import run_tasks
+
+        parts = run_tasks(_eval_chunk, args, desc="eval sampling")
+    else:
+        parts = [_eval_chunk(*a) for a in args]
+    seconds = round(time.perf_counter() - start, 2)
+    for sampler, steps in rows:
+        mine = [p for c, p in zip(chunks, parts) if c[:2] == (sampler, steps)]
+        x = as_stored(torch.cat([p[0] for p in mine]))
+        s = None if mine[0][1] is None else float(torch.cat([p[1] for p in mine]).mean())
+        row = {"sampler": sampler, "steps": steps, "nfe": nfe(steps, g, sampler), "guidance": g,
                "fd": frechet_distance(*gaussian_stats(fnet.features(x)), *ref),
-               "class_acc": accuracy(clf.logits(x), labels), "straightness": float(s.mean()),
-               "n_samples": len(labels), "seconds": round(time.perf_counter() - start, 2)}
+               "class_acc": accuracy(clf.logits(x), labels), "straightness": s, "n_samples": len(labels)}
         result["rows"].append(row)
         if log:
-            log(f"steps {steps:3d}  nfe {row['nfe']:3d}  fd {row['fd']:.3f}  class_acc {row['class_acc']:.3f}  "
-                f"straightness {row['straightness']:.4f}  ({row['seconds']} s)")
+            log(f"{sampler:11} steps {steps:3d}  nfe {row['nfe']:3d}  fd {row['fd']:.3f}  class_acc "
+                f"{row['class_acc']:.3f}  straightness {_opt(s)}")
+    result["sampling_seconds"] = seconds
     return result
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(ckpt: str):
+    return load_model(ckpt), read_meta(ckpt)  # once per process: a Ray worker runs many chunks
+
+
+def _eval_chunk(ckpt: str, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float, sampler: str):
+    """One chunk of evaluation samples (a Ray task, or a plain call without Ray)."""
+    (net, cfg), meta = _cached_model(ckpt)
+    return generate_for_eval(net, cfg, meta, labels, seeds, steps, guidance, sampler)
+
+
+def _opt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def format_table(result: dict) -> str:
     """The rows and reference figures as a plain-text table."""
-    lines = [f"{'sampler':8} {'steps':>5} {'nfe':>5} {'fd':>10} {'class_acc':>9} {'straightness':>12} {'n':>6}"]
+    lines = [f"{'sampler':11} {'steps':>5} {'nfe':>5} {'fd':>10} {'class_acc':>9} {'straightness':>12} {'n':>6}"]
     for r in result["rows"]:
-        lines.append(f"{r['sampler']:8} {r['steps']:5d} {r['nfe']:5d} {r['fd']:10.4f} {r['class_acc']:9.3f} "
-                     f"{r['straightness']:12.4f} {r['n_samples']:6d}")
+        lines.append(f"{r['sampler']:11} {r['steps']:5d} {r['nfe']:5d} {r['fd']:10.4f} {r['class_acc']:9.3f} "
+                     f"{_opt(r['straightness']):>12} {r['n_samples']:6d}")
     lines.append(f"real vs real (noise floor): fd {result['noise_floor_fd']:.4f} "
                  f"(n {result['n_floor']} vs {result['n_ref']} reference)")
     lines.append(f"real class accuracy {result['real_class_acc']:.3f} (classifier {result['classifier']}, "
@@ -190,46 +224,56 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_fd_vs_nfe(result: dict, path: str | Path, size: tuple[int, int] = (640, 420)) -> Path:
-    """A PNG line chart of FD against NFE (both axes log scale) with the noise floor dashed, drawn
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def plot_fd_vs_nfe(result: dict, path: str | Path, size: tuple[int, int] = (640, 420), title: str | None = None) -> Path:
+    """A PNG line chart of FD against NFE (both axes log scale), one line per series (a row's
+    `series`, else its sampler: `dtrain pipeline` names its stages), the noise floor dashed; drawn
     with Pillow (matplotlib is not a dependency)."""
     from PIL import Image, ImageDraw
 
     rows = sorted(result["rows"], key=lambda r: r["nfe"])
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(r.get("series") or r["sampler"], []).append(r)
     floor = result["noise_floor_fd"]
     w, h = size
     left, right, top, bottom = 70, 20, 34, 50
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
 
-    lx = [np.log2(r["nfe"]) for r in rows]
+    nfes = sorted({r["nfe"] for r in rows})
     ly = [np.log10(max(v, 1e-6)) for v in [r["fd"] for r in rows] + [floor]]
-    x0, y0 = min(lx), float(np.floor(min(ly)))
-    x1, y1 = max(max(lx), x0 + 1), max(float(np.ceil(max(ly))), y0 + 1)  # a single point still gets a range
-    px = lambda v: left + (v - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
-    py = lambda v: h - bottom - (v - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
+    x0, y0 = np.log2(nfes[0]), float(np.floor(min(ly)))
+    x1, y1 = max(np.log2(nfes[-1]), x0 + 1), max(float(np.ceil(max(ly))), y0 + 1)  # one point still gets a range
+    px = lambda v: left + (np.log2(v) - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
+    py = lambda v: h - bottom - (np.log10(max(v, 1e-6)) - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
 
     d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for r, v in zip(rows, lx):  # x ticks at the measured NFEs
+    for v in nfes:  # x ticks at the measured NFEs
         d.line([px(v), h - bottom, px(v), h - bottom + 4], fill="black")
-        d.text((px(v) - 6, h - bottom + 7), str(r["nfe"]), fill="black")
+        d.text((px(v) - 6, h - bottom + 7), str(v), fill="black")
     for e in range(int(y0), int(y1) + 1):  # y ticks at powers of ten
-        d.line([left - 4, py(e), left, py(e)], fill="black")
-        d.line([left, py(e), w - right, py(e)], fill=(230, 230, 230))
-        d.text((8, py(e) - 6), f"1e{e}", fill="black")
+        d.line([left - 4, py(10.0 ** e), left, py(10.0 ** e)], fill="black")
+        d.line([left, py(10.0 ** e), w - right, py(10.0 ** e)], fill=(230, 230, 230))
+        d.text((8, py(10.0 ** e) - 6), f"1e{e}", fill="black")
     d.text((w // 2 - 60, h - 20), "network evaluations per image (NFE)", fill="black")
-    d.text((left, 8), f"FD ({result['feature_net']}) vs NFE, {result['sampler']}, guidance {result['guidance']}, "
-                      f"n={result['n_samples']}", fill="black")
+    d.text((left, 8), title or f"FD ({result['feature_net']}) vs NFE, guidance {result['guidance']}, "
+                               f"n={result['n_samples']}", fill="black")
 
-    fy = py(ly[-1])  # noise floor, dashed
+    fy = py(floor)  # noise floor, dashed
     for xs in range(left, w - right, 12):
         d.line([xs, fy, min(xs + 6, w - right), fy], fill=(120, 120, 120), width=2)
     d.text((w - right - 150, fy - 14), "real vs real (floor)", fill=(120, 120, 120))
-    pts = [(px(a), py(b)) for a, b in zip(lx, ly[:-1])]
-    if len(pts) > 1:
-        d.line(pts, fill=(31, 119, 180), width=2)
-    for a, b in pts:
-        d.ellipse([a - 3, b - 3, a + 3, b + 3], fill=(31, 119, 180))
+    for k, (name, rs) in enumerate(series.items()):
+        color = COLORS[k % len(COLORS)]
+        pts = [(px(r["nfe"]), py(r["fd"])) for r in rs]
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        for a, b in pts:
+            d.ellipse([a - 3, b - 3, a + 3, b + 3], fill=color)
+        d.text((w - right - 150, top + 6 + 14 * k), name, fill=color)  # legend
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

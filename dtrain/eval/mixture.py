@@ -38,6 +38,9 @@ def evaluate_mixture_checkpoint(ckpt: str | Path, steps_list=(1, 2, 4, 8, 16, 50
     spec = mixture_spec(shards)
     if spec is None:
         raise CheckpointError(f"no {SPEC_FILE} beside {shards}: not mixture shards from `dtrain data gmm`")
+    if cfg.objective.name != "rectified_flow":  # the analytic field and the ODE likelihood are the linear path's
+        raise CheckpointError(f"mixture metrics compare with the rectified-flow field; {resolve(ckpt)} was trained "
+                              f"with objective {cfg.objective.name}")
     gmm: GaussianMixture = load_spec(spec)
     null = torch.full((n,), cfg.model.num_classes)  # unconditional samples: the learned p_1 itself
     seeds = eval_seeds(n, seed)

@@ -68,7 +68,8 @@ class Sampler:
         for (steps, guidance), idx in groups.items():
             cond = torch.cat([torch.full((len(jobs[i].seeds),), jobs[i].class_label) for i in idx])
             seeds = [s for i in idx for s in jobs[i].seeds]
-            images = to_uint8(render(self.net, self.cfg, self.meta, cond, seeds, steps, guidance, self.precision))
+            images = to_uint8(render(self.net, self.cfg, self.meta, cond, seeds, steps, guidance, self.precision,
+                                             self.cfg.sample.sampler))
             start = 0
             for i in idx:
                 n = len(jobs[i].seeds)

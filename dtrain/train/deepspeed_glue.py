@@ -88,3 +88,19 @@ def prebuild_cpu_ops() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         builder.load(verbose=False)
+
+
+def frozen_engine(net: torch.nn.Module, cfg: Config, world_size: int, dtype: torch.dtype):
+    """A frozen network beside the student (a teacher, a consistency target), sharded like it: under
+    ZeRO-3 a DeepSpeed engine without an optimizer partitions its parameters (the reference-model
+    pattern of DeepSpeed-Chat), so a model that only fits partitioned still distils; under ZeRO 0-2
+    every rank holds it whole in the training precision. Forward only, eval mode."""
+    net.requires_grad_(False)
+    if cfg.train.zero_stage != 3:
+        return net.to(dtype).eval()
+    import deepspeed
+
+    ds = {k: v for k, v in deepspeed_config(cfg, world_size).items() if k not in ("optimizer", "gradient_clipping")}
+    engine, _, _, _ = deepspeed.initialize(model=net, config=ds, dist_init_required=False)
+    engine.eval()  # DeepSpeed's eval() returns None, not the engine
+    return engine

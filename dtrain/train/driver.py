@@ -75,6 +75,18 @@ def _fit_off_main_thread(trainer: TorchTrainer):
     return box["result"]
 
 
+class LocalTorchTrainer(TorchTrainer):
+    """TorchTrainer without Ray 2.60's placement-group cleaner, for a cluster this process started and
+    owns (its placement groups go when the driver's Ray shuts down). The cleaner is a detached actor
+    that polls the dashboard's state API; on a busy 2-core machine its GCS client timed out at every
+    start (a traceback) and stopping it waited out a 12 s timeout at every run's end (another one)."""
+
+    def _create_default_callbacks(self):
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
 def fit(cfg: Config) -> Path:
     """Train (or resume: the same run_name continues from its latest checkpoint); returns the final
     checkpoint directory. Raises Interrupted when a signal stopped the run after a checkpoint."""
@@ -93,7 +105,7 @@ def fit(cfg: Config) -> Path:
     out = run_dir(cfg)
     clear_stop(out)  # a request left by an earlier run is not this run's
     ensure_ray(s.address, s.num_workers * s.cpus_per_worker)
-    trainer = TorchTrainer(
+    trainer = (TorchTrainer if s.address else LocalTorchTrainer)(
         train_func,
         train_loop_config={"yaml": to_yaml(cfg), "run_dir": str(out), "latents": latents},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),

@@ -1,7 +1,8 @@
 """The per-worker training loop: one function, read top to bottom.
 
 Ray Train runs `train_func(cfg_dict)` on every worker. Parallelism is applied in one named step
-(wrap_deepspeed); the objective is a small callable; EMA, tracking and checkpoints sit around it.
+(wrap_deepspeed); the stage (dtrain.train.stages) brings the objective, the batches, the initial weights
+and the lineage its checkpoints record; EMA, tracking and checkpoints sit around it.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ import torch.distributed as dist
 
 from dtrain import checkpoint as ckpt_io
 from dtrain.config import Config, from_yaml, to_dict
-from dtrain.data.shards import CorruptShards, DataError, load_images, train_batches
-from dtrain.diffusion import build_objective
+from dtrain.data.shards import CorruptShards, DataError, load_images
 from dtrain.generation import grid_from_weights
 from dtrain.models import build_model, count_params
 from dtrain.precision import Choice, choose
@@ -30,6 +30,7 @@ from dtrain.tracking import make_tracker
 from dtrain.train.control import StepControl
 from dtrain.train.deepspeed_glue import wrap_deepspeed
 from dtrain.train.ema import EMA
+from dtrain.train.stages import build_stage
 from dtrain.train.universal import convert, needs_universal
 
 
@@ -58,6 +59,7 @@ def train_func(cfg_dict: dict) -> None:
     threads = pin_threads(cfg.scaling.cpus_per_worker)
     precision = agreed_precision(cfg.train.precision, "cuda" if cfg.scaling.use_gpu else "cpu", rank)
     t = cfg.train  # checkpoints keep the config as asked (`auto` decides again on resume); meta records the choice
+    stage = build_stage(cfg)
 
     with ExitStack() as stack:  # the resume checkpoint stays open (downloaded, if remote) until loaded
         resume = ray.train.get_checkpoint()
@@ -70,16 +72,19 @@ def train_func(cfg_dict: dict) -> None:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         net = build_model(cfg.model)
+        if ckpt is None and stage.parent:
+            net.load_state_dict(stage.initial_weights())  # a later stage starts from its parent's EMA weights
         n_params = count_params(net)  # before ZeRO-3 empties the partitioned tensors
         net.grad_checkpointing = t.activation_checkpointing
         resolved = replace(cfg, train=replace(t, precision=precision.precision))
         engine = wrap_deepspeed(net, resolved, world, load_universal=universal)
         if t.compile:
             engine.compile()  # DeepSpeed's own hook keeps parameter names (and so checkpoints) unchanged
-        ema = EMA(engine.module, t.ema_decay)
+        ema = EMA(engine.module, t.ema_decay, engine=engine)
         start, samples_seen = _restore(engine, ema, ckpt, universal) if ckpt else (0, 0)
-    loss_fn = build_objective(cfg.objective)
     dtype = precision.dtype
+    stage.attach(engine, resolved, world, dtype, start)  # frozen nets (a teacher, a target) beside the student
+    loss_fn = stage.objective
     accum, global_batch = t.grad_accum_steps, cfg.data.batch_size * t.grad_accum_steps * world
 
     def model_fn(x, tt, cond):  # the objective sees fp32 in and out, whatever the precision
@@ -91,14 +96,12 @@ def train_func(cfg_dict: dict) -> None:
     tracker = make_tracker(cfg, rank, run_dir, to_dict(cfg), resume_step=start)
     if rank == 0:
         print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {n_params / 1e6:.2f}M params, {world} workers x "
-              f"{threads} thread(s), ZeRO-{t.zero_stage}, {precision.precision}, steps {start}->{t.steps}", flush=True)
+              f"{threads} thread(s), ZeRO-{t.zero_stage}, {precision.precision}, stage {stage.name}, steps {start}->{t.steps}", flush=True)
         print(f"[dtrain] precision {precision.precision}: {precision.reason}", flush=True)
 
     corrupt = CorruptShards(fail=cfg.data.on_corrupt == "fail")
-    batches = train_batches(cfg.data.train_shards, rank, world, t.seed, cfg.data.batch_size,
-                            cfg.data.shuffle_buffer, cfg.data.loader_workers, on_corrupt=corrupt,
-                            # the same number of samples as were consumed, at this run's worker count
-                            skip=samples_seen // (cfg.data.batch_size * world))
+    # skip as many samples as were consumed, counted in batches at this run's worker count
+    batches = stage.batches(cfg, rank, world, samples_seen // (cfg.data.batch_size * world), corrupt)
     val = _val_split(cfg.data.val_shards, rank, world) if t.val_every else None
     progress = Progress(rank, start, t.steps)
     drill_step = t.fault_drill_step if rank == world - 1 else 0  # in a fault drill the last rank dies
@@ -110,12 +113,13 @@ def train_func(cfg_dict: dict) -> None:
             _fault_drill(run_dir)
         for micro in range(accum):  # DeepSpeed steps the optimizer after the last micro-batch only
             torch.manual_seed(step_seed(t.seed, rank, step * accum + micro))
-            x, y = (v.to(engine.device) for v in next(batches))
-            loss = loss_fn(model_fn, x, y).mean()
+            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+            loss = loss_fn(model_fn, batch).mean()
             engine.backward(loss)
             engine.step()
             window_loss += loss.detach() / accum
         ema.update(step)
+        stage.after_step(step)
         done, samples_seen = step + 1, samples_seen + global_batch
         stop, clock_due = control.poll()  # Ctrl-C / SIGTERM in the driver, or train.ckpt_every_minutes
 
@@ -142,14 +146,14 @@ def train_func(cfg_dict: dict) -> None:
                 progress.step(done)  # a sign of life before the first metrics window
 
         if done % t.ckpt_every == 0 or done == t.steps or stop or clock_due:
-            weights = ema.full_state_dict()  # a collective under ZeRO-3
+            weights = ema.full_state_dict()  # a collective where the EMA is sharded (ZeRO-3; ZeRO-1/2 in bf16)
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(str(Path(tmp) / ckpt_io.DEEPSPEED_DIR), tag=ckpt_io.DEEPSPEED_TAG,
                                       client_state={"step": done, "samples_seen": samples_seen})
                 if drill_step and done == drill_step and t.fault_drill_in_save:
                     _fault_drill(run_dir)
                 if rank == 0:
-                    meta = {"step": done, "stage": "pretrain", "objective": cfg.objective.name,
+                    meta = {"step": done, **stage.meta(), "objective": cfg.objective.name,
                             "weights": "ema", "ema_decay": t.ema_decay, "world_size": world, "zero_stage": t.zero_stage,
                             "precision": precision.precision, "precision_reason": precision.reason,
                             "latents": cfg_dict.get("latents"), "interrupted": stop and done < t.steps}
@@ -188,7 +192,7 @@ def _val_loss(engine, model_fn, loss_fn, val: tuple[torch.Tensor, torch.Tensor],
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for i in range(0, len(val[0]), batch_size):
         x, y = val[0][i:i + batch_size].to(engine.device), val[1][i:i + batch_size].to(engine.device)
-        total += torch.stack([loss_fn(model_fn, x, y, generator=g).sum().double(),
+        total += torch.stack([loss_fn(model_fn, {"x": x, "cond": y}, generator=g).sum().double(),
                               torch.tensor(float(len(x)), dtype=torch.float64, device=engine.device)])
     engine.train()
     dist.all_reduce(total)

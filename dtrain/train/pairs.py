@@ -1,0 +1,99 @@
+"""Reflow pairs (Liu et al. 2022, Alg. 1): (noise, label, sample) couplings made by a teacher's ODE,
+written as WebDataset shards by a Ray task job over every worker of the cluster.
+
+Shard i holds the pairs of seeds [i * per_shard, (i + 1) * per_shard); the label of seed s is
+s % num_classes (balanced classes). A shard is one task: it loads the teacher from its checkpoint,
+solves in fixed chunks of CHUNK seeds, and writes its tar under a temporary name that is renamed
+when complete. So a shard on disk is finished, a killed job reruns only the missing ones, and the
+pairs do not depend on how many workers made them. `pairs.json` beside the shards records the
+teacher and the sampler (the reflow stage's lineage); a rerun with other settings is refused.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from dtrain import checkpoint as ckpt_io
+from dtrain.data.shards import DataError
+from dtrain.diffusion.samplers import initial_noise
+from dtrain.train.stages import PAIRS_FILE
+
+CHUNK = 64  # seeds per solver call inside a shard: fixed, so results never depend on the cluster
+SHARD_NAME = "pairs-{:06d}.tar"
+
+
+def _npy(a: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a.numpy().astype(np.float32))
+    return buf.getvalue()
+
+
+def write_pair_shard(teacher: str, out: str, index: int, per_shard: int, steps: int, sampler: str,
+                     guidance: float) -> str:
+    """Solve the teacher's ODE for shard `index`'s seeds and write their pairs; returns the shard path."""
+    from dtrain.generation import solve
+
+    net, cfg = ckpt_io.load_model(teacher)
+    m = cfg.model
+    path = Path(out) / SHARD_NAME.format(index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with wds.TarWriter(str(tmp)) as sink:
+        for lo in range(index * per_shard, (index + 1) * per_shard, CHUNK):
+            seeds = list(range(lo, min(lo + CHUNK, (index + 1) * per_shard)))
+            labels = torch.tensor(seeds) % m.num_classes
+            x = solve(net, cfg, labels, seeds, steps, guidance, "fp32", sampler)  # [B, C, h, w]
+            noise = initial_noise(x.shape[1:], seeds)  # the same noise solve started from
+            for s, y, xi, ni in zip(seeds, labels.tolist(), x, noise):
+                sink.write({"__key__": f"{s:09d}", "x.npy": _npy(xi), "noise.npy": _npy(ni),
+                            "cls": str(y).encode(), "seed": str(s).encode()})
+    os.replace(tmp, path)
+    return str(path)
+
+
+def generate_pairs(teacher: str, out: str | Path, count: int, per_shard: int = 256, steps: int = 32,
+                   sampler: str = "heun", guidance: float = 1.0) -> list[str]:
+    """Pairs from `teacher` (a checkpoint or run dir) into `out`, on the connected Ray cluster (call
+    dtrain.runtime.ensure_ray first). Finished shards are kept; returns every shard path."""
+    from dtrain.runtime import run_tasks
+
+    if count <= 0 or per_shard <= 0 or count % per_shard:
+        raise DataError(f"pairs: count {count} must be a positive multiple of per_shard {per_shard}")
+    ckpt = ckpt_io.resolve(teacher).resolve()
+    meta = ckpt_io.read_meta(ckpt)
+    out = Path(out).resolve()
+    info = {"teacher": str(ckpt), "teacher_stage": meta.get("stage"), "teacher_reflow_k": meta.get("reflow_k", 1),
+            "teacher_step": meta.get("step"), "sampler": sampler, "steps": steps, "guidance": guidance,
+            "count": count, "per_shard": per_shard}
+    out.mkdir(parents=True, exist_ok=True)
+    existing = out / PAIRS_FILE
+    if existing.is_file() and json.loads(existing.read_text()) != info:
+        raise DataError(f"{out} holds pairs made with other settings ({existing}): choose another --out, "
+                        f"or delete it to start over")
+    existing.write_text(json.dumps(info, indent=2))
+    lat = meta.get("latents")
+    if isinstance(lat, dict):  # latent pairs decode through the teacher's VAE: the student records it too
+        (out / "latents.json").write_text(json.dumps(lat))
+    shards = [out / SHARD_NAME.format(i) for i in range(count // per_shard)]
+    todo = [i for i, p in enumerate(shards) if not p.is_file()]
+    if todo:
+        print(f"[dtrain] pairs: {len(todo)} of {len(shards)} shard(s) of {per_shard} from {ckpt} "
+              f"({sampler}, {steps} steps, guidance {guidance})", flush=True)
+        run_tasks(write_pair_shard, [(str(ckpt), str(out), i, per_shard, steps, sampler, guidance) for i in todo],
+                  desc="pair shards")
+    for stale in out.glob(".pairs-*.tmp"):  # left by a killed task; its shard was just rewritten
+        stale.unlink(missing_ok=True)
+    return [str(p) for p in shards]
+
+
+def shard_urls(out: str | Path, count: int, per_shard: int) -> str:
+    """The brace URL of a pairs directory's shards, for data.train_shards."""
+    n = count // per_shard
+    return str(Path(out).resolve() / f"pairs-{{000000..{n - 1:06d}}}.tar")
+

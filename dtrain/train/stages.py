@@ -1,0 +1,140 @@
+"""Training stages as registry entries, not branches in the loop.
+
+A stage gives the loop its objective (a callable over a batch dict), its batches, the weights the net
+starts from (its parent's EMA weights), a hook after every optimizer step, and what its checkpoints
+record: stage, parent and teacher, the lineage that `dtrain pipeline` chains and evaluates.
+
+    pretrain  images -> the objective of cfg.objective (rectified flow, DDPM eps / v / x0)
+    reflow    (noise, label, sample) pairs a teacher wrote (`dtrain pairs`) -> rectified flow on those
+              couplings (Liu et al. 2022, k-rectified flow), initialised from its parent
+    distill   images -> consistency distillation of a frozen teacher (Song et al. 2023) with an EMA
+              target network, both sharded like the student
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from dtrain import checkpoint as ckpt_io
+from dtrain.data.shards import CorruptShards, DataError, expand_urls, train_batches
+from dtrain.diffusion import build_objective
+from dtrain.diffusion.consistency import ConsistencyDistillation, intervals_at
+from dtrain.diffusion.flow import RectifiedFlowLoss
+
+PAIRS_FILE = "pairs.json"  # beside pair shards: the teacher and sampler that made them (dtrain.train.pairs)
+
+
+@dataclass
+class Stage:
+    name: str
+    objective: Callable | None  # loss(model_fn, batch, generator=None) -> per-sample loss [B] (set by attach)
+    parent: str | None = None  # checkpoint whose EMA weights the net starts from (None: random init)
+    lineage: dict = field(default_factory=dict)  # what else its checkpoints record (teacher, k, ...)
+
+    def batches(self, cfg, rank: int, world: int, skip: int, on_corrupt: CorruptShards) -> Iterator[dict]:
+        """This rank's endless stream of batches {x, cond[, noise]} (see dtrain.data.shards)."""
+        d = cfg.data
+        for x, y, *rest in train_batches(d.train_shards, rank, world, cfg.train.seed, d.batch_size, d.shuffle_buffer,
+                                         d.loader_workers, skip=skip, on_corrupt=on_corrupt):
+            yield {"x": x, "cond": y, **({"noise": rest[0]} if rest else {})}
+
+    def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int) -> None:
+        """Called once the student's engine exists (resumed at step `start`): a stage with frozen networks
+        builds them here."""
+
+    def initial_weights(self) -> dict[str, torch.Tensor] | None:
+        return ckpt_io.read_weights(ckpt_io.resolve(self.parent)) if self.parent else None
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step (a consistency stage updates its target network here)."""
+
+    def meta(self) -> dict:
+        return {"stage": self.name, "parent": self.parent, **self.lineage}
+
+
+def pretrain(cfg) -> Stage:
+    return Stage("pretrain", build_objective(cfg.objective), parent=_parent(cfg))
+
+
+def reflow(cfg) -> Stage:
+    info = read_pairs_info(cfg.data.train_shards)
+    k = int(info.get("teacher_reflow_k") or 1) + 1  # a pretrained flow is 1-rectified; each reflow adds one
+    return Stage("reflow", RectifiedFlowLoss(cfg.objective.time_sampling), parent=_parent(cfg),
+                 lineage={"teacher": info["teacher"], "reflow_k": k, "pairs": str(Path(expand_urls(cfg.data.train_shards)[0]).parent)})
+
+
+class Distill(Stage):
+    """Consistency distillation of a frozen teacher (dtrain.diffusion.consistency): the teacher and the
+    EMA target run under the student's ZeRO stage (partitioned under ZeRO-3); the target follows the
+    student after every step; the interval count follows the curriculum."""
+
+    def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int) -> None:
+        from dtrain.models import build_model
+        from dtrain.models.layers import LabelEmbedder
+        from dtrain.train.deepspeed_glue import frozen_engine
+
+        st, self.cfg, self.engine = cfg.stage, cfg, engine
+        for m in engine.module.modules():  # the objective drops labels itself, the same for all three nets
+            if isinstance(m, LabelEmbedder):
+                m.dropout = 0.0
+        net, tcfg = ckpt_io.load_model(self.lineage["teacher"])
+        if tcfg.objective.name != "rectified_flow":
+            raise ValueError(f"distill needs a rectified-flow teacher; {self.lineage['teacher']} was trained "
+                             f"with objective {tcfg.objective.name}")
+        teacher = frozen_engine(net, cfg, world, dtype)
+        self.target = None
+        if st.target_decay > 0:
+            torch.manual_seed(cfg.train.seed)  # the student's own initialisation when it has no parent
+            net = build_model(cfg.model)
+            if self.parent:
+                net.load_state_dict(self.initial_weights())
+            self.target = frozen_engine(net, cfg, world, dtype)
+        target = self.target or engine
+        self.objective = ConsistencyDistillation(
+            teacher=lambda x, t, c: teacher(x.to(dtype), t, c).float(),
+            target=lambda x, t, c: target(x.to(dtype), t, c).float(),
+            null_label=cfg.model.num_classes, solver=st.teacher_solver, guidance=st.teacher_guidance,
+            cond_dropout=cfg.model.class_dropout, intervals=intervals_at(start, cfg.train.steps, *st.intervals))
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        st = self.cfg.stage
+        self.objective.intervals = intervals_at(step + 1, self.cfg.train.steps, *st.intervals)
+        if self.target is None:
+            return
+        # theta_target <- decay theta_target + (1 - decay) theta, on this rank's partition under ZeRO-3
+        for pt, ps in zip(self.target.parameters(), self.engine.module.parameters()):
+            mine, theirs = (pt.ds_tensor, ps.ds_tensor) if hasattr(pt, "ds_tensor") else (pt.data, ps.data)
+            mine.lerp_(theirs.to(mine.dtype), 1 - st.target_decay)
+
+
+def distill(cfg) -> Stage:
+    teacher = str(ckpt_io.resolve(cfg.stage.teacher).resolve())
+    return Distill("distill", None, parent=_parent(cfg),
+                   lineage={"teacher": teacher, "teacher_solver": cfg.stage.teacher_solver,
+                            "teacher_guidance": cfg.stage.teacher_guidance, "target_decay": cfg.stage.target_decay,
+                            "intervals": list(cfg.stage.intervals)})
+
+
+STAGES: dict[str, Callable] = {"pretrain": pretrain, "reflow": reflow, "distill": distill}
+
+
+def build_stage(cfg) -> Stage:
+    return STAGES[cfg.stage.name](cfg)
+
+
+def read_pairs_info(urls: str) -> dict:
+    """The `pairs.json` beside pair shards; DataError when the shards are not pairs."""
+    info = Path(expand_urls(urls)[0]).parent / PAIRS_FILE
+    if not info.is_file():
+        raise DataError(f"stage reflow trains on pairs, but {info} is missing: data.train_shards={urls} are not "
+                        "pair shards (make them with `dtrain pairs TEACHER --out DIR`)")
+    return json.loads(info.read_text())
+
+
+def _parent(cfg) -> str | None:
+    return str(ckpt_io.resolve(cfg.stage.init_from).resolve()) if cfg.stage.init_from else None
