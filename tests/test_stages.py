@@ -110,3 +110,9 @@ def test_pipeline_file_names_stages_and_checks_every_stage_first(tmp_path):
     first.write_text("config: exp.yaml\nstages:\n  - kind: reflow\n")
     with pytest.raises(ConfigError, match="first stage must be pretrain"):
         load_pipeline(first)
+
+
+def test_the_shipped_quickstart_pipeline_loads():
+    p = load_pipeline("configs/pipeline.yaml")
+    assert [(s.kind, s.name) for s in p.stages] == [("pretrain", "pretrain"), ("reflow", "reflow"), ("distill", "distill")]
+    assert stage_config(p, p.stages[2], ["stage.teacher=x"]).sample.sampler == "consistency"
