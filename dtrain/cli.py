@@ -256,7 +256,7 @@ def sample(checkpoint, out, classes, per_class, steps, sampler, guidance, seed, 
 @click.option("--feature-net", default="digits", show_default=True, help="digits (trained here, cached) | inception (local weights only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @click.option("--plot", default=None, type=click.Path(dir_okay=False),
-              help="Write a PNG: FD against NFE, or with --audit the class shares.")
+              help="Write a PNG: FD against NFE; mixtures: velocity error against t; with --audit the class shares.")
 @click.option("--audit", is_flag=True, help="Bias audit: null-label samples' classes against the training distribution.")
 @click.option("--address", default=None, help="Ray cluster to sample on (default: a local one).")
 @click.option("--in-process", is_flag=True, help="Sample in this process instead of as Ray tasks (same figures).")
@@ -272,7 +272,7 @@ def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, val_shards, gu
     from dtrain.checkpoint import read_config
     from dtrain.eval.digits import evaluate_checkpoint, format_table, plot_fd_vs_nfe
     from dtrain.eval.features import FeatureNetUnavailable
-    from dtrain.eval.mixture import evaluate_mixture_checkpoint, mixture_spec
+    from dtrain.eval.mixture import evaluate_mixture_checkpoint, mixture_spec, plot_velocity_error
     from dtrain.eval.mixture import format_table as mixture_table
 
     try:
@@ -300,6 +300,8 @@ def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, val_shards, gu
         if mixture_spec(val_shards or read_config(checkpoint).data.val_shards):  # exact metrics on a mixture
             result = evaluate_mixture_checkpoint(checkpoint, steps, val_shards=val_shards, seed=seed)
             click.echo(json.dumps(result, indent=2) if as_json else mixture_table(result))
+            if plot:
+                plot_velocity_error(result, plot)
             return
         result = evaluate_checkpoint(checkpoint, steps, samples_per_class=samples_per_class, val_shards=val_shards,
                                      seed=seed, guidance=guidance, feature_net=feature_net,

@@ -321,6 +321,10 @@ def test_dtrain_eval_on_a_mixture_checkpoint_reports_exact_metrics(tmp_path, ske
     assert all(abs(e["relative_uncond"] - 1) < 1e-6 and abs(e["relative_cond"] - 1) < 1e-6
                for e in res["velocity_error"])
     assert res["n_val"] == 16 and res["val_log_lik_model"] < res["val_log_lik_true"]
-    r = CliRunner().invoke(main, ["eval", str(tmp_path / "ckpt"), "--in-process", "--steps", "1", "--json"])
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "ckpt"), "--in-process", "--steps", "1", "--json",
+                                  "--plot", str(tmp_path / "verr.png")])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["rows"][0]["steps"] == 1
+    from PIL import Image
+
+    assert Image.open(tmp_path / "verr.png").size == (640, 380)  # velocity error against t
