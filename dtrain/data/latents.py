@@ -12,7 +12,6 @@ on storage every node sees, as for training.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from itertools import islice
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dtrain.data.shards import DataError, decode_sample, absolute_urls, expand_urls, load_images
+from dtrain.data.shards import DataError, absolute_urls, decode_sample, encode_npy, expand_urls, load_images
 
 
 def load_vae(vae_dir: str | Path):
@@ -54,12 +53,6 @@ def latents_meta(urls: str) -> dict | None:
             "shift_factor": float(d.get("shift_factor") or 0.0)}
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
 class _ShardEncoder:
     """Ray Data actor: loads the VAE once, then encodes whole shards, one `map_batches` row each.
     A shard per call keeps file names, keys and order exactly, and every actor writes its own files."""
@@ -88,7 +81,7 @@ class _ShardEncoder:
             while chunk := list(islice(samples, self.batch_size)):
                 z = self._encode(chunk)
                 for s, zi in zip(chunk, z):
-                    sink.write({"__key__": s["__key__"], "latent.npy": _npy(zi), "cls": s["cls"]})
+                    sink.write({"__key__": s["__key__"], "latent.npy": encode_npy(zi), "cls": s["cls"]})
                 count, shape = count + len(z), z.shape[1:]
         os.replace(tmp, out)
         return count, shape

@@ -35,6 +35,13 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_npy(a: np.ndarray) -> bytes:
+    """An array -> .npy bytes (latents, reflow pairs)."""
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
 def write_shards(samples, out_pattern: str, per_shard: int) -> list[str]:
     """samples: iterable of (uint8 image, int label). out_pattern like 'dir/train-%06d.tar'."""
     Path(out_pattern).parent.mkdir(parents=True, exist_ok=True)

@@ -132,8 +132,7 @@ def evaluate_checkpoint(ckpt: str | Path, steps_list=DEFAULT_STEPS, samples_per_
     feature_net: a FeatureNet or a registry name ("digits", "inception") for the FD features;
     classifier: the digits classifier for class accuracy (default: the cached one for this size).
     Returns a JSON-ready dict: reference figures and `rows` (one per step count)."""
-    net, cfg = load_model(ckpt)
-    meta = read_meta(ckpt)
+    (_, cfg), meta = _cached_model(str(resolve(ckpt)))  # the chunks sampled in this process reuse it
     m = cfg.model
     g = float(cfg.sample.guidance if guidance is None else guidance)
     shards = val_shards or cfg.data.val_shards

@@ -10,7 +10,6 @@ teacher and the sampler (the reflow stage's lineage); a rerun with other setting
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -20,18 +19,12 @@ import torch
 import webdataset as wds
 
 from dtrain import checkpoint as ckpt_io
-from dtrain.data.shards import DataError
+from dtrain.data.shards import DataError, encode_npy
 from dtrain.diffusion.samplers import initial_noise
 from dtrain.train.stages import PAIRS_FILE
 
 CHUNK = 64  # seeds per solver call inside a shard: fixed, so results never depend on the cluster
 SHARD_NAME = "pairs-{:06d}.tar"
-
-
-def _npy(a: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a.numpy().astype(np.float32))
-    return buf.getvalue()
 
 
 def write_pair_shard(teacher: str, out: str, index: int, per_shard: int, steps: int, sampler: str,
@@ -51,7 +44,8 @@ def write_pair_shard(teacher: str, out: str, index: int, per_shard: int, steps: 
             x = solve(net, cfg, labels, seeds, steps, guidance, "fp32", sampler)  # [B, C, h, w]
             noise = initial_noise(x.shape[1:], seeds)  # the same noise solve started from
             for s, y, xi, ni in zip(seeds, labels.tolist(), x, noise):
-                sink.write({"__key__": f"{s:09d}", "x.npy": _npy(xi), "noise.npy": _npy(ni),
+                sink.write({"__key__": f"{s:09d}", "x.npy": encode_npy(xi.numpy().astype(np.float32)),
+                            "noise.npy": encode_npy(ni.numpy().astype(np.float32)),
                             "cls": str(y).encode(), "seed": str(s).encode()})
     os.replace(tmp, path)
     return str(path)
