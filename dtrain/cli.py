@@ -403,16 +403,25 @@ def bench_zero(as_json, stages, workers, precision, steps, overrides):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True))
-@click.option("--host", default=None, help="Bind address (default: serve.host).")
-@click.option("--port", default=None, type=int, help="HTTP port (default: serve.port).")
-@click.option("--replicas", default=None, type=int, help="Sampler replicas (default: serve.num_replicas).")
-def serve(checkpoint, host, port, replicas):
-    """Serve CHECKPOINT over HTTP with Ray Serve until interrupted: POST /v1/generate, GET /healthz."""
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback: this machine only).")
+@click.option("--port", default=8000, show_default=True, help="HTTP port.")
+@click.option("--replicas", default=None, type=int, help="A fixed sampler replica count (default: autoscaling).")
+@click.option("--max-replicas", default=None, type=int, help="Autoscaling's upper bound (default 4).")
+@click.option("--tokens-file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Bearer tokens, one per line (also: $DTRAIN_SERVE_TOKENS, comma-separated); auth is off without.")
+def serve(checkpoint, host, port, replicas, max_replicas, tokens_file):
+    """Serve CHECKPOINT over HTTP with Ray Serve until interrupted: POST /v1/generate, GET /v1/models, /healthz."""
+    from pydantic import ValidationError
+
     from dtrain.serving.app import run_blocking
+    from dtrain.serving.config import Autoscaling, ServeArgs
 
     try:
-        run_blocking(str(Path(checkpoint).resolve()), host=host, port=port, replicas=replicas)
-    except CheckpointError as e:
+        scaling = Autoscaling(**({"max_replicas": max_replicas} if max_replicas else {}))
+        args = ServeArgs(checkpoint=checkpoint, num_replicas=replicas, autoscaling=scaling,
+                         auth_tokens_file=tokens_file)
+        run_blocking(args, host=host, port=port)
+    except (CheckpointError, ValidationError) as e:
         raise UserError(str(e)) from None
 
 

@@ -123,18 +123,6 @@ class SampleConfig:
 
 
 @dataclass
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    num_replicas: int = 1  # sampler replicas
-    replica_cpus: float = 1.0  # CPUs reserved per sampler replica
-    max_batch_size: int = 16  # dynamic batching: images per model call
-    batch_wait_timeout_s: float = 0.01
-    max_steps: int = 100  # largest step count a request may ask for
-    max_images: int = 16  # largest num_images a request may ask for
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,7 +132,6 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 @dataclass
@@ -262,7 +249,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def from_yaml(text: str) -> Config:
     """Rebuild a Config from the YAML a checkpoint carries (see to_yaml)."""
-    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(text), "checkpoint config")
+    raw = OmegaConf.create(text)
+    raw.pop("serve", None)  # checkpoints before dtrain.serving.config carried serving limits: ignored now
+    cfg = _merge(OmegaConf.structured(Config), raw, "checkpoint config")
     typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(typed)
     return typed

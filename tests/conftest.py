@@ -24,6 +24,18 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def serve_url(ray_cluster):
+    """Ray Serve's HTTP proxy on a free loopback port, one per session (HTTP options are fixed at first start)."""
+    from ray import serve
+
+    from dtrain.runtime import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     from dtrain.data.digits import write_digits
 
@@ -42,3 +54,25 @@ def tiny_overrides(digits_dir, tmp_path) -> list[str]:
         f"train.storage_path={tmp_path}/runs", "train.warmup_steps=2", "train.log_every=2",
         "tracking.wandb=false", "sample.steps=4", "sample.per_class=2",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained tiny DiT's inference checkpoint (`<root>/tiny/ckpt`), labelled digits as its val shards."""
+    import torch
+
+    from dtrain.checkpoint import write_inference_files
+    from dtrain.config import load_config
+    from dtrain.data.digits import write_digits
+    from dtrain.models import build_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    shards = write_digits(root / "digits", image_size=8, train_shards=1, val_per_class=10)
+    cfg = load_config(None, ["model.size=tiny", "model.image_size=8", "model.patch_size=2",
+                             f"data.val_shards={shards['val'][0]}", "sample.guidance=2.0", "sample.steps=4"])
+    torch.manual_seed(0)
+    # DiT zero-initialises its output layer (adaLN-Zero), so a fresh net's velocity is 0 everywhere:
+    # perturb every weight so the untrained net bends its paths like a real one
+    weights = {k: v + 0.1 * torch.randn_like(v) for k, v in build_model(cfg.model).state_dict().items()}
+    write_inference_files(root / "tiny" / "ckpt", weights, cfg, {"step": 0})
+    return root / "tiny" / "ckpt"

@@ -92,25 +92,6 @@ def test_inception_unavailable_says_so(monkeypatch, tmp_path):
 
 # --- a checkpoint end to end -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from dtrain.checkpoint import write_inference_files
-    from dtrain.config import load_config
-    from dtrain.data.digits import write_digits
-    from dtrain.models import build_model
-
-    root = tmp_path_factory.mktemp("evalckpt")
-    shards = write_digits(root / "digits", image_size=8, train_shards=1, val_per_class=10)
-    cfg = load_config(None, ["model.size=tiny", "model.image_size=8", "model.patch_size=2",
-                             f"data.val_shards={shards['val'][0]}", "sample.guidance=2.0"])
-    torch.manual_seed(0)
-    # DiT zero-initialises its output layer (adaLN-Zero), so a fresh net's velocity is 0 everywhere:
-    # perturb every weight so the untrained net bends its paths like a real one
-    weights = {k: v + 0.1 * torch.randn_like(v) for k, v in build_model(cfg.model).state_dict().items()}
-    write_inference_files(root / "ckpt", weights, cfg, {"step": 0})
-    return root / "ckpt"
-
-
 def test_generate_for_eval_is_batch_independent_and_measures_straightness(tiny_checkpoint):
     from dtrain.checkpoint import load_model, read_meta
     from dtrain.eval.digits import eval_batch, generate_for_eval

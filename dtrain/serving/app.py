@@ -1,132 +1,176 @@
-"""Ray Serve app: a CPU FastAPI ingress in front of a batching sampler deployment.
+"""Ray Serve app: a FastAPI ingress in front of an autoscaling, batching sampler deployment.
 
-    POST /v1/generate  {class_label, seed, steps, num_images, guidance} -> PNG images (base64)
-    GET  /healthz
+    POST /v1/generate  {class_label, seed, num_images, sampler, steps, guidance} -> PNG images (base64)
+    GET  /v1/models    the served model: stage, lineage, default sampler and steps
+    GET  /healthz      a real one-step sample on a sampler replica
+    GET  /docs         Swagger UI, served from a package (works offline)
 
 Deploy with `dtrain serve CHECKPOINT`, or `serve run serve/digits.yaml` (import path
-dtrain.serving.app:build_app). A replica needs only the checkpoint: no Ray Train, no DeepSpeed.
+dtrain.serving.app:build_app, typed arguments dtrain.serving.config.ServeArgs). A replica needs only
+the checkpoint: no Ray Train, no DeepSpeed. Overload is answered with 503 and Retry-After, never a
+500; every invalid body gets a 422 naming the field.
 """
 # No `from __future__ import annotations` here: FastAPI must see the real request types.
+import asyncio
 import base64
+import json
 import logging
-from dataclasses import dataclass
-from typing import Optional
+import time
+from typing import Any, Optional
 
-import numpy as np
-import torch
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from dtrain.checkpoint import load_model, read_config, read_meta, resolve
-from dtrain.generation import image_shape, render
-from dtrain.images import png_bytes, to_uint8
-from dtrain.precision import choose
-from dtrain.runtime import pin_threads
+from dtrain.checkpoint import read_config, read_meta, resolve
+from dtrain.generation import nfe
+from dtrain.images import png_bytes
+from dtrain.serving.auth import BearerAuth
+from dtrain.serving.config import ServeArgs
+from dtrain.serving.docs import serve_docs_offline
+from dtrain.serving.metrics import IngressMetrics
+from dtrain.serving.sampler import Job, Sampler, replica_gpus
 from dtrain.serving.schemas import GenerateRequest, GenerateResponse, Health
 
 logger = logging.getLogger("ray.serve")
 
 
-@dataclass(frozen=True)
-class Job:
-    """One request as the sampler sees it; requests that share (steps, guidance) run as one batch."""
-    class_label: int
-    seeds: tuple[int, ...]
-    steps: int
-    guidance: float
+class SafeJSONResponse(JSONResponse):
+    """JSON that any input can be echoed into: non-ASCII escaped (a lone surrogate in a field name
+    cannot be encoded as UTF-8) and no NaN/Infinity literals (which are not JSON)."""
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-@serve.deployment
-class Sampler:
-    def __init__(self, checkpoint: str):
-        threads = pin_threads()  # the replica's num_cpus, not every core of the node
-        self.net, self.cfg = load_model(checkpoint)
-        self.meta = read_meta(checkpoint)  # says whether samples decode through a VAE
-        choice = choose("auto", "cpu")
-        self.precision = choice.precision
-        self.net.to(choice.dtype)  # once here, so render() never has to make a cast copy per batch
-        # image_shape loads a latent checkpoint's VAE now: a missing VAE fails the replica at start
-        logger.info(f"sampler: {resolve(checkpoint)}, images {image_shape(self.cfg, self.meta)}, "
-                    f"precision {choice.precision} ({choice.reason}), {threads} thread(s)")
-
-    def reconfigure(self, user_config: dict) -> None:
-        """Live settings (no restart): dynamic batch size and wait."""
-        self.run_batch.set_max_batch_size(user_config.get("max_batch_size", 16))
-        self.run_batch.set_batch_wait_timeout_s(user_config.get("batch_wait_timeout_s", 0.01))
-
-    async def __call__(self, job: Job) -> np.ndarray:
-        return await self.run_batch(job)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def run_batch(self, jobs: list[Job]) -> list[np.ndarray]:
-        out: list[Optional[np.ndarray]] = [None] * len(jobs)
-        groups: dict[tuple[int, float], list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault((job.steps, job.guidance), []).append(i)
-        for (steps, guidance), idx in groups.items():
-            cond = torch.cat([torch.full((len(jobs[i].seeds),), jobs[i].class_label) for i in idx])
-            seeds = [s for i in idx for s in jobs[i].seeds]
-            images = to_uint8(render(self.net, self.cfg, self.meta, cond, seeds, steps, guidance, self.precision,
-                                             self.cfg.sample.sampler))
-            start = 0
-            for i in idx:
-                n = len(jobs[i].seeds)
-                out[i], start = images[start: start + n], start + n
-        return out  # type: ignore[return-value]
+app = FastAPI(title="dtrain", description="Class-conditional image generation with a dtrain checkpoint",
+              docs_url=None, redoc_url=None, default_response_class=SafeJSONResponse)
+serve_docs_offline(app)
+bearer = HTTPBearer(auto_error=False, description="Required when the deployment has tokens")
 
 
-app = FastAPI(title="dtrain", description="Class-conditional image generation with a dtrain checkpoint")
+@app.exception_handler(RequestValidationError)
+async def _invalid_body(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
+    # pydantic's errors carry the offending input (NaN, 1e309 -> inf, lone surrogates), which cannot
+    # always be serialised: answer with where and why only.
+    request.app.state.metrics.refusals.inc(tags={"reason": "invalid"})
+    detail = [{"loc": [p if isinstance(p, int) else str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
+              for e in exc.errors()]
+    return SafeJSONResponse(status_code=422, content={"detail": detail})
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=60)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, sampler: DeploymentHandle, model_name: str, num_classes: int, max_steps: int, max_images: int):
-        self.sampler, self.model_name = sampler, model_name
-        self.num_classes, self.max_steps, self.max_images = num_classes, max_steps, max_images
+    def __init__(self, sampler: DeploymentHandle, info: dict, args: ServeArgs):
+        self.sampler, self.info, self.args = sampler, info, args
+        self.auth = BearerAuth(args.auth_tokens_file, args.auth_tokens_env)
+        self.metrics = IngressMetrics(info["model"])
+        app.state.metrics = self.metrics
+        logger.info(f"ingress for {info['model']}/{info['version']}: auth {'on' if self.auth.enabled else 'off'}")
+
+    def _refuse(self, status: int, reason: str, detail: Any, headers: Optional[dict] = None) -> HTTPException:
+        self.metrics.refusals.inc(tags={"reason": reason})
+        return HTTPException(status_code=status, detail=detail, headers=headers)
+
+    def _authorize(self, creds: Optional[HTTPAuthorizationCredentials]) -> None:
+        if not self.auth.allows(creds.credentials if creds else None):
+            raise self._refuse(401, "unauthorized", "unauthorized", {"WWW-Authenticate": "Bearer"})
+
+    def _overloaded(self, reason: str) -> HTTPException:
+        return self._refuse(503, reason, f"{reason}: retry later", {"Retry-After": str(self.args.retry_after_s)})
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        """A sampler call bounded by the request timeout; a replica that died mid-call is retried once
+        on another (samples depend on their seeds only, so a retry returns the same images)."""
+        for attempt in range(2):
+            response = getattr(self.sampler, method).remote(*args)
+            try:
+                return await asyncio.wait_for(response, self.args.request_timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise self._overloaded("timeout") from None
+            except BackPressureError:
+                raise self._overloaded("overloaded") from None
+            except RayActorError:
+                if attempt:
+                    raise self._overloaded("replica_lost") from None
+                logger.warning("a sampler replica died during a request: retrying it on another")
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
-        return Health(status="ok", model=self.model_name)
+        probe = await self._call("probe")
+        return Health(status="ok", model=self.info["model"], **probe)
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        for ok, field, msg in ((req.class_label < self.num_classes, "class_label", f"must be < {self.num_classes}"),
-                               (req.steps <= self.max_steps, "steps", f"must be <= {self.max_steps}"),
-                               (req.num_images <= self.max_images, "num_images", f"must be <= {self.max_images}")):
+    @app.get("/v1/models")
+    async def models(self, creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> dict:
+        self._authorize(creds)
+        return {"models": [self.info]}
+
+    @app.post("/v1/generate", response_model=GenerateResponse,
+              responses={401: {"description": "Missing or unknown bearer token"},
+                         503: {"description": "Overloaded or timed out: retry after Retry-After seconds"}})
+    async def generate(self, req: GenerateRequest,
+                       creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> GenerateResponse:
+        started = time.perf_counter()
+        self._authorize(creds)
+        d, a = self.info["defaults"], self.args
+        sampler, steps = req.sampler or d["sampler"], req.steps or d["steps"]
+        guidance = d["guidance"] if req.guidance is None else req.guidance
+        for ok, field, msg in ((req.class_label < self.info["num_classes"], "class_label",
+                                f"must be < {self.info['num_classes']}"),
+                               (steps <= a.max_steps, "steps", f"must be <= {a.max_steps}"),
+                               (req.num_images <= a.max_images, "num_images", f"must be <= {a.max_images}")):
             if not ok:
-                raise HTTPException(status_code=422, detail=[{"loc": ["body", field], "msg": msg, "type": "value_error"}])
+                raise self._refuse(422, "invalid", [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
         seeds = tuple(range(req.seed, req.seed + req.num_images))
-        images = await self.sampler.remote(Job(req.class_label, seeds, req.steps, req.guidance))
-        return GenerateResponse(model=self.model_name, class_label=req.class_label, steps=req.steps, seeds=list(seeds),
-                                images=[base64.b64encode(png_bytes(img)).decode() for img in images])
+        images = await self._call("__call__", Job(req.class_label, seeds, sampler, steps, guidance))
+        encoding = time.perf_counter()
+        pngs = [base64.b64encode(png_bytes(img)).decode() for img in images]
+        done = time.perf_counter()
+        self.metrics.stage_seconds.observe(done - encoding, tags={"stage": "encode"})
+        self.metrics.stage_seconds.observe(done - started, tags={"stage": "total"})
+        return GenerateResponse(model=self.info["model"], version=self.info["version"], stage=self.info["stage"],
+                                class_label=req.class_label, sampler=sampler, steps=steps, guidance=guidance,
+                                nfe=nfe(steps, guidance, sampler), seeds=list(seeds), images=pngs)
 
 
-class ServeArgs(BaseModel):
-    """Arguments of the app builder (the `args:` of a Serve config file)."""
-    checkpoint: str
-    num_replicas: Optional[int] = None  # default: serve.num_replicas of the checkpoint's config
-    replica_cpus: Optional[float] = None
-    max_batch_size: Optional[int] = None
+def model_info(checkpoint: str) -> dict:
+    """What a client may know of a checkpoint: name, version, stage and lineage, and its defaults."""
+    ckpt = resolve(checkpoint)
+    cfg, meta = read_config(ckpt), read_meta(ckpt)
+    s = cfg.sample
+    return {"model": ckpt.parent.name if ckpt.is_dir() else ckpt.stem, "version": ckpt.name,
+            "stage": meta.get("stage", "pretrain"), "parent": meta.get("parent"), "teacher": meta.get("teacher"),
+            "num_classes": cfg.model.num_classes, "image_size": cfg.model.image_size,
+            "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}}
 
 
 def build_app(args: ServeArgs):
-    """Typed app builder: checkpoint -> ingress bound to a sampler deployment."""
-    ckpt = resolve(args.checkpoint)
-    cfg = read_config(ckpt)
-    s = cfg.serve
+    """Typed app builder: a checkpoint -> an ingress bound to an autoscaling sampler deployment."""
+    args = args.resolved()
+    info = model_info(args.checkpoint)
+    scaling = ({"num_replicas": args.num_replicas} if args.num_replicas
+               else {"autoscaling_config": args.autoscaling.serve_config()})
+    busy = 2 * args.max_batch_images  # one batch running and the next filling
+    overload = BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s)
     sampler = Sampler.options(
-        num_replicas=args.num_replicas or s.num_replicas,
-        ray_actor_options={"num_cpus": s.replica_cpus if args.replica_cpus is None else args.replica_cpus},
-        # @serve.batch never exceeds max_ongoing_requests (default 5): let a full batch in.
-        max_ongoing_requests=2 * (args.max_batch_size or s.max_batch_size),
-        user_config={"max_batch_size": args.max_batch_size or s.max_batch_size,
-                     "batch_wait_timeout_s": s.batch_wait_timeout_s},
-    ).bind(str(ckpt))
-    return Ingress.bind(sampler, model_name=f"{ckpt.parent.name}/{ckpt.name}", num_classes=cfg.model.num_classes,
-                        max_steps=s.max_steps, max_images=s.max_images)
+        **scaling,
+        ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(args.replica_gpus)},
+        max_ongoing_requests=busy, max_queued_requests=args.max_queued_requests,
+        user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
+    ).bind(str(resolve(args.checkpoint)), info["model"])
+    # Serve's default of 5 requests per ingress would cap a batch at 5 images: admit every request
+    # the samplers could hold, queue a bounded number more, refuse the rest with 503.
+    most = args.num_replicas or args.autoscaling.max_replicas
+    return Ingress.options(max_ongoing_requests=most * busy + args.max_queued_requests,
+                           max_queued_requests=args.max_queued_requests, backpressure_config=overload,
+                           ).bind(sampler, info, args)
 
 
 class _DropLog(logging.Filter):
@@ -138,25 +182,22 @@ class _DropLog(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def run_blocking(checkpoint: str, host: Optional[str] = None, port: Optional[int] = None,
-                 replicas: Optional[int] = None) -> None:
+def run_blocking(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> None:
     """`dtrain serve`: start (or join) a local Ray cluster, deploy, serve until Ctrl-C."""
     from dtrain.runtime import ensure_ray
 
-    s = read_config(checkpoint).serve
     ensure_ray()
-    host, port = host or s.host, port or s.port
     serve.start(http_options={"host": host, "port": port})
     # serve.run reconnects to the Serve instance started just above and logs that "new http_options
     # will not be applied": they were, a line earlier. Drop that one false alarm, nothing else.
     quiet = _DropLog("Connecting to existing Serve app")
     logger.addFilter(quiet)
     try:
-        serve.run(build_app(ServeArgs(checkpoint=checkpoint, num_replicas=replicas)), name="dtrain", route_prefix="/")
+        serve.run(build_app(args), name="dtrain", route_prefix="/")
     finally:
         logger.removeFilter(quiet)
-    print(f"serving {resolve(checkpoint)} at http://{host}:{port}  (POST /v1/generate, GET /healthz, docs at /docs)",
-          flush=True)
+    print(f"serving {resolve(args.checkpoint)} at http://{host}:{port}  (POST /v1/generate, GET /v1/models, "
+          "GET /healthz, docs at /docs)", flush=True)
     import signal
     import threading
 
@@ -164,4 +205,4 @@ def run_blocking(checkpoint: str, host: Optional[str] = None, port: Optional[int
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
-    serve.shutdown()
+    serve.shutdown()  # replicas drain their in-flight requests (graceful_shutdown_timeout_s) first

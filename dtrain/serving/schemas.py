@@ -1,24 +1,38 @@
-"""HTTP request and response bodies. Static bounds live here; bounds that depend on the loaded
-model (class count, step limit) are checked by the ingress, and both give 422 with a message."""
+"""HTTP request and response bodies. Every field is bounded here; bounds that depend on the loaded
+model or the deployment (class count, step and image limits) are checked by the ingress. Both give
+422 naming the field."""
 from __future__ import annotations
 
+from typing import Literal, Optional
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from dtrain.diffusion.samplers import SAMPLERS
+
+Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    class_label: int = Field(ge=0, description="Class to generate, 0..num_classes-1")
-    seed: int = Field(0, ge=0, lt=2**63, description="Image i uses seed + i: same seed, same image")
-    steps: int = Field(16, ge=1, description="Euler steps (network evaluations, x2 with guidance)")
-    num_images: int = Field(1, ge=1)
-    guidance: float = Field(2.0, ge=0.0, le=20.0, description="Classifier-free guidance scale; 1 = off")
+    class_label: int = Field(ge=0, le=100_000, description="Class to generate, 0..num_classes-1")
+    seed: int = Field(0, ge=0, lt=2**62, description="Image i uses seed + i: same seed, same image")
+    num_images: int = Field(1, ge=1, le=1024, description="Images to generate (the deployment's max_images bounds it)")
+    sampler: Optional[Sampler] = Field(None, description="ODE or consistency sampler; default: the checkpoint's")
+    steps: Optional[int] = Field(None, ge=1, le=10_000, description="Sampler steps; default: the checkpoint's")
+    guidance: Optional[float] = Field(None, ge=0.0, le=20.0, allow_inf_nan=False,
+                                      description="Classifier-free guidance scale, 1 = off; default: the checkpoint's")
 
 
 class GenerateResponse(BaseModel):
-    model: str = Field(description="Checkpoint the images came from")
+    model: str = Field(description="Model (training run) the images came from")
+    version: str = Field(description="Checkpoint of that run")
+    stage: str = Field(description="Training stage of the checkpoint: pretrain, reflow, distill")
     class_label: int
+    sampler: str
     steps: int
+    guidance: float
+    nfe: int = Field(description="Network evaluations spent per image")
     seeds: list[int]
     images: list[str] = Field(description="Base64-encoded PNG images")
 
@@ -26,3 +40,6 @@ class GenerateResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model: str
+    device: str
+    precision: str
+    probe_ms: float = Field(description="Time of the one-step sample this health check ran")
