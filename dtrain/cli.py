@@ -244,6 +244,17 @@ def sample(checkpoint, out, classes, per_class, steps, sampler, guidance, seed, 
                f"{sampler} {steps} steps, {nfe(steps, guidance, sampler)} network evaluations per image, {choice.precision}: {choice.reason})")
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); a UserError naming the option for anything else or a value below 1."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option}: '{text}' is not a comma-separated list of integers") from None
+    if any(v < 1 for v in values):
+        raise UserError(f"{option}: every value must be >= 1, got {list(values)}")
+    return values
+
+
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.option("--steps", "steps_list", default="1,2,4,8,16,50", show_default=True,
@@ -275,12 +286,7 @@ def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, val_shards, gu
     from dtrain.eval.mixture import evaluate_mixture_checkpoint, mixture_spec, plot_velocity_error
     from dtrain.eval.mixture import format_table as mixture_table
 
-    try:
-        steps = [int(v) for v in steps_list.split(",")]
-    except ValueError:
-        raise UserError(f"--steps: '{steps_list}' is not a comma-separated list of integers") from None
-    if any(v < 1 for v in steps):
-        raise UserError(f"--steps: every step count must be >= 1, got {steps}")
+    steps = _int_list(steps_list, "--steps")
     sampler_list = samplers.split(",")
     if not set(sampler_list) <= set(SAMPLER_NAMES):
         raise UserError(f"--samplers: {sorted(set(sampler_list) - set(SAMPLER_NAMES))} not among {', '.join(SAMPLER_NAMES)}")
@@ -401,27 +407,60 @@ def bench_zero(as_json, stages, workers, precision, steps, overrides):
     click.echo(emit(rows, as_json, summary))
 
 
-@main.command()
+@bench.command("serve")
 @click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--steps", default=4, show_default=True, help="Sampler steps per request (one image each).")
+@click.option("--seconds", default=6.0, show_default=True, help="Length of each load phase.")
+@click.option("--concurrency", default="1,16,64", show_default=True, help="Clients against one fixed replica.")
+@click.option("--baseline", default=4, show_default=True, help="Clients before and after the 8x spike.")
+@click.option("--max-replicas", default=4, show_default=True)
+@click.option("--batch-wait", default=0.005, show_default=True, help="Seconds a batch waits to fill.")
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="PNG timeline of clients, replicas, p95.")
+def bench_serve(checkpoint, as_json, steps, seconds, concurrency, baseline, max_replicas, batch_wait, plot):
+    """Ray Serve against in-process sampling, then a spike and a flood on loopback (bounded in time)."""
+    from dtrain.bench import emit
+    from dtrain.bench.serve import run
+    from dtrain.runtime import ensure_ray
+
+    ensure_ray(num_cpus=1 + max_replicas, log_to_driver=not as_json)  # logical CPUs for the replicas
+    rows, summary = run(str(Path(checkpoint).resolve()), steps=steps, seconds=seconds,
+                        concurrencies=_int_list(concurrency, "--concurrency"), baseline=baseline,
+                        max_replicas=max_replicas, batch_wait_timeout_s=batch_wait, plot=plot)
+    click.echo(emit(rows, as_json, summary))
+
+
+@main.command()
+@click.argument("checkpoint", required=False, type=click.Path(exists=True))
+@click.option("--models", "models_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A registry instead of CHECKPOINT: YAML of model name -> {versions: {version: checkpoint}, "
+                   "default, canary, fallback}, as under `models:` in serve/digits.yaml.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback: this machine only).")
 @click.option("--port", default=8000, show_default=True, help="HTTP port.")
 @click.option("--replicas", default=None, type=int, help="A fixed sampler replica count (default: autoscaling).")
 @click.option("--max-replicas", default=None, type=int, help="Autoscaling's upper bound (default 4).")
 @click.option("--tokens-file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Bearer tokens, one per line (also: $DTRAIN_SERVE_TOKENS, comma-separated); auth is off without.")
-def serve(checkpoint, host, port, replicas, max_replicas, tokens_file):
-    """Serve CHECKPOINT over HTTP with Ray Serve until interrupted: POST /v1/generate, GET /v1/models, /healthz."""
+def serve(checkpoint, models_file, host, port, replicas, max_replicas, tokens_file):
+    """Serve CHECKPOINT (or a registry of --models) over HTTP with Ray Serve until interrupted:
+    POST /v1/generate, GET /v1/models, GET /healthz, docs at /docs."""
     from pydantic import ValidationError
 
+    from dtrain.config import ConfigError, _load_yaml
     from dtrain.serving.app import run_blocking
     from dtrain.serving.config import Autoscaling, ServeArgs
 
     try:
+        models = None
+        if models_file:
+            from omegaconf import OmegaConf
+
+            models = OmegaConf.to_container(_load_yaml(Path(models_file)))
         scaling = Autoscaling(**({"max_replicas": max_replicas} if max_replicas else {}))
-        args = ServeArgs(checkpoint=checkpoint, num_replicas=replicas, autoscaling=scaling,
+        args = ServeArgs(checkpoint=checkpoint, models=models, num_replicas=replicas, autoscaling=scaling,
                          auth_tokens_file=tokens_file)
         run_blocking(args, host=host, port=port)
-    except (CheckpointError, ValidationError) as e:
+    except (CheckpointError, ConfigError, ValidationError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
 
 

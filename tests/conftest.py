@@ -56,23 +56,29 @@ def tiny_overrides(digits_dir, tmp_path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """An untrained tiny DiT's inference checkpoint (`<root>/tiny/ckpt`), labelled digits as its val shards."""
+def write_tiny_checkpoint(path, val_shard: str, seed: int = 0):
+    """An untrained tiny DiT's inference checkpoint at `path`. DiT zero-initialises its output layer
+    (adaLN-Zero), so a fresh net's velocity is 0 everywhere: every weight is perturbed (by `seed`) so
+    the untrained net bends its paths like a real one."""
     import torch
 
     from dtrain.checkpoint import write_inference_files
     from dtrain.config import load_config
-    from dtrain.data.digits import write_digits
     from dtrain.models import build_model
+
+    cfg = load_config(None, ["model.size=tiny", "model.image_size=8", "model.patch_size=2",
+                             f"data.val_shards={val_shard}", "sample.guidance=2.0", "sample.steps=4"])
+    torch.manual_seed(seed)  # the init and the perturbation both
+    weights = {k: v + 0.1 * torch.randn_like(v) for k, v in build_model(cfg.model).state_dict().items()}
+    write_inference_files(path, weights, cfg, {"step": 0})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """`<root>/tiny/ckpt`: a tiny untrained checkpoint, labelled digits as its val shards."""
+    from dtrain.data.digits import write_digits
 
     root = tmp_path_factory.mktemp("tiny")
     shards = write_digits(root / "digits", image_size=8, train_shards=1, val_per_class=10)
-    cfg = load_config(None, ["model.size=tiny", "model.image_size=8", "model.patch_size=2",
-                             f"data.val_shards={shards['val'][0]}", "sample.guidance=2.0", "sample.steps=4"])
-    torch.manual_seed(0)
-    # DiT zero-initialises its output layer (adaLN-Zero), so a fresh net's velocity is 0 everywhere:
-    # perturb every weight so the untrained net bends its paths like a real one
-    weights = {k: v + 0.1 * torch.randn_like(v) for k, v in build_model(cfg.model).state_dict().items()}
-    write_inference_files(root / "tiny" / "ckpt", weights, cfg, {"step": 0})
-    return root / "tiny" / "ckpt"
+    return write_tiny_checkpoint(root / "tiny" / "ckpt", shards["val"][0])

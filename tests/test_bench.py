@@ -65,3 +65,17 @@ def test_zero3_holds_half_the_parameter_bytes_of_zero0(ray_cluster):
     assert zero3["optimizer_B"] == pytest.approx(6.0, rel=0.05)
     assert zero3["buffers_B"] > 0  # the reduce bucket, found and kept out of the model-state total
     assert summary["params"] > 0 and zero3["peak_rss_mb"] > 0
+
+
+def test_serve_bench_summaries():
+    from dtrain.bench.serve import Shot, summarize, time_to_max
+
+    shots = [Shot(sent=0.1 * i, latency=0.1 + 0.01 * i, status=200, phase="a") for i in range(10)]
+    shots += [Shot(sent=0.5, latency=0.01, status=503, phase="a"), Shot(sent=0.6, latency=5.0, status=0, phase="a")]
+    s = summarize(shots)
+    assert s["requests"] == 12 and s["codes"] == {"200": 10, "503": 1, "0": 1}
+    assert s["p50_ms"] == pytest.approx(145, abs=1) and s["p99_ms"] <= 190  # 200s only
+    assert s["images_per_s"] == pytest.approx(10 / 5.6)  # answered images over the span from first sent to last done
+    watch = [(0.0, 1), (1.0, 1), (2.0, 2), (3.5, 4), (4.0, 4)]
+    assert time_to_max(watch, spike_at=1.0, most=4) == pytest.approx(2.5)
+    assert time_to_max(watch, spike_at=1.0, most=5) is None

@@ -223,58 +223,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
-
-
 def plot_fd_vs_nfe(result: dict, path: str | Path, size: tuple[int, int] = (640, 420), title: str | None = None) -> Path:
-    """A PNG line chart of FD against NFE (both axes log scale), one line per series (a row's
-    `series`, else its sampler: `dtrain pipeline` names its stages), the noise floor dashed; drawn
-    with Pillow (matplotlib is not a dependency)."""
-    from PIL import Image, ImageDraw
+    """A PNG line chart of FD against NFE (both axes log scale, x ticked at the measured NFEs), one line
+    per series (a row's `series`, else its sampler: `dtrain pipeline` names its stages), the noise floor
+    dashed. An FD of zero or below (possible by estimation noise) is drawn at 1e-6."""
+    from dtrain.plots import line_chart
 
-    rows = sorted(result["rows"], key=lambda r: r["nfe"])
-    series: dict[str, list[dict]] = {}
-    for r in rows:
-        series.setdefault(r.get("series") or r["sampler"], []).append(r)
-    floor = result["noise_floor_fd"]
-    w, h = size
-    left, right, top, bottom = 70, 20, 34, 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-
-    nfes = sorted({r["nfe"] for r in rows})
-    ly = [np.log10(max(v, 1e-6)) for v in [r["fd"] for r in rows] + [floor]]
-    x0, y0 = np.log2(nfes[0]), float(np.floor(min(ly)))
-    x1, y1 = max(np.log2(nfes[-1]), x0 + 1), max(float(np.ceil(max(ly))), y0 + 1)  # one point still gets a range
-    px = lambda v: left + (np.log2(v) - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
-    py = lambda v: h - bottom - (np.log10(max(v, 1e-6)) - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
-
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for v in nfes:  # x ticks at the measured NFEs
-        d.line([px(v), h - bottom, px(v), h - bottom + 4], fill="black")
-        d.text((px(v) - 6, h - bottom + 7), str(v), fill="black")
-    for e in range(int(y0), int(y1) + 1):  # y ticks at powers of ten
-        d.line([left - 4, py(10.0 ** e), left, py(10.0 ** e)], fill="black")
-        d.line([left, py(10.0 ** e), w - right, py(10.0 ** e)], fill=(230, 230, 230))
-        d.text((8, py(10.0 ** e) - 6), f"1e{e}", fill="black")
-    d.text((w // 2 - 60, h - 20), "network evaluations per image (NFE)", fill="black")
-    d.text((left, 8), title or f"FD ({result['feature_net']}) vs NFE, guidance {result['guidance']}, "
-                               f"n={result['n_samples']}", fill="black")
-
-    fy = py(floor)  # noise floor, dashed
-    for xs in range(left, w - right, 12):
-        d.line([xs, fy, min(xs + 6, w - right), fy], fill=(120, 120, 120), width=2)
-    d.text((w - right - 150, fy - 14), "real vs real (floor)", fill=(120, 120, 120))
-    for k, (name, rs) in enumerate(series.items()):
-        color = COLORS[k % len(COLORS)]
-        pts = [(px(r["nfe"]), py(r["fd"])) for r in rs]
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        for a, b in pts:
-            d.ellipse([a - 3, b - 3, a + 3, b + 3], fill=color)
-        d.text((w - right - 150, top + 6 + 14 * k), name, fill=color)  # legend
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in sorted(result["rows"], key=lambda r: r["nfe"]):
+        series.setdefault(r.get("series") or r["sampler"], []).append((r["nfe"], max(r["fd"], 1e-6)))
+    return line_chart(path, series, xlog=True, ylog=True, xticks=sorted({r["nfe"] for r in result["rows"]}),
+                      hlines={"real vs real (floor)": max(result["noise_floor_fd"], 1e-6)}, size=size,
+                      xlabel="network evaluations per image (NFE)", ylabel="FD",
+                      title=title or f"FD ({result['feature_net']}) vs NFE, guidance {result['guidance']}, "
+                                     f"n={result['n_samples']}")

@@ -78,33 +78,12 @@ def format_table(result: dict) -> str:
 
 
 def plot_velocity_error(result: dict, path: str | Path, size: tuple[int, int] = (640, 380)) -> Path:
-    """A PNG of the relative velocity error against t (conditional and unconditional), drawn with Pillow:
-    where along the path the network's field departs from the mixture's analytic one."""
-    from PIL import Image, ImageDraw
+    """A PNG of the relative velocity error against t (conditional and unconditional): where along the
+    path the network's field departs from the mixture's analytic one."""
+    from dtrain.plots import line_chart
 
     rows = result["velocity_error"]
-    lines = {"unconditional": [r["relative_uncond"] for r in rows], "conditional": [r["relative_cond"] for r in rows]}
-    ts = [r["t"] for r in rows]
-    w, h = size
-    left, right, top, bottom = 60, 20, 34, 46
-    top_y = max(max(v) for v in lines.values()) * 1.1 or 1.0
-    px = lambda t: left + t * (w - left - right)  # noqa: E731  (t from 0 to 1)
-    py = lambda v: h - bottom - v / top_y * (h - top - bottom)  # noqa: E731
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for t in ts:
-        d.text((px(t) - 8, h - bottom + 6), f"{t:g}", fill="black")
-    for k in range(5):
-        v = top_y * k / 4
-        d.text((6, py(v) - 6), f"{v:.3f}", fill="black")
-    d.text((w // 2 - 30, h - 20), "t (0 noise, 1 data)", fill="black")
-    d.text((left, 8), "relative velocity error ||v_net - v_exact|| / ||v_exact||", fill="black")
-    for k, (name, vals) in enumerate(lines.items()):
-        color = [(31, 119, 180), (214, 39, 40)][k]
-        d.line([(px(t), py(v)) for t, v in zip(ts, vals)], fill=color, width=2)
-        d.text((w - right - 130, top + 6 + 14 * k), name, fill=color)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    series = {name: [(r["t"], r[key]) for r in rows]
+              for name, key in (("unconditional", "relative_uncond"), ("conditional", "relative_cond"))}
+    return line_chart(path, series, xticks=sorted({0.0, 1.0, *(r["t"] for r in rows)}), size=size,
+                      xlabel="t (0 noise, 1 data)", title="relative velocity error ||v_net - v_exact|| / ||v_exact||")

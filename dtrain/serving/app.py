@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 import logging
+import random
 import time
 from typing import Any, Optional
 
@@ -28,7 +29,7 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from dtrain.checkpoint import read_config, read_meta, resolve
+from dtrain.checkpoint import read_config, read_meta
 from dtrain.generation import nfe
 from dtrain.images import png_bytes
 from dtrain.serving.auth import BearerAuth
@@ -67,16 +68,21 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> SafeJS
 @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=60)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, sampler: DeploymentHandle, info: dict, args: ServeArgs):
-        self.sampler, self.info, self.args = sampler, info, args
+    def __init__(self, sampler: DeploymentHandle, catalog: dict, args: ServeArgs):
+        self.sampler, self.catalog, self.args = sampler, catalog, args
+        self.specs = args.models  # resolved: name -> ModelSpec
         self.auth = BearerAuth(args.auth_tokens_file, args.auth_tokens_env)
-        self.metrics = IngressMetrics(info["model"])
+        self.metrics = IngressMetrics(next(iter(catalog)))
+        self.in_flight = 0
         app.state.metrics = self.metrics
-        logger.info(f"ingress for {info['model']}/{info['version']}: auth {'on' if self.auth.enabled else 'off'}")
+        logger.info(f"ingress for {sorted(catalog)}: auth {'on' if self.auth.enabled else 'off'}")
 
     def _refuse(self, status: int, reason: str, detail: Any, headers: Optional[dict] = None) -> HTTPException:
         self.metrics.refusals.inc(tags={"reason": reason})
         return HTTPException(status_code=status, detail=detail, headers=headers)
+
+    def _invalid(self, field: str, msg: str) -> HTTPException:
+        return self._refuse(422, "invalid", [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
 
     def _authorize(self, creds: Optional[HTTPAuthorizationCredentials]) -> None:
         if not self.auth.allows(creds.credentials if creds else None):
@@ -85,11 +91,12 @@ class Ingress:
     def _overloaded(self, reason: str) -> HTTPException:
         return self._refuse(503, reason, f"{reason}: retry later", {"Retry-After": str(self.args.retry_after_s)})
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any, model_id: str = "") -> Any:
         """A sampler call bounded by the request timeout; a replica that died mid-call is retried once
         on another (samples depend on their seeds only, so a retry returns the same images)."""
+        handle = getattr(self.sampler.options(multiplexed_model_id=model_id), method)
         for attempt in range(2):
-            response = getattr(self.sampler, method).remote(*args)
+            response = handle.remote(*args)
             try:
                 return await asyncio.wait_for(response, self.args.request_timeout_s)
             except asyncio.TimeoutError:
@@ -102,15 +109,36 @@ class Ingress:
                     raise self._overloaded("replica_lost") from None
                 logger.warning("a sampler replica died during a request: retrying it on another")
 
+    def _route(self, req: GenerateRequest) -> tuple[str, str, bool]:
+        """(model, version, fallback used) for a request: as named, else the default or a canary share;
+        the spike fallback when the request allows it and the ingress holds more than its threshold."""
+        name = req.model or next(iter(self.specs))
+        if name not in self.specs:
+            raise self._invalid("model", f"unknown model; registered: {sorted(self.specs)}")
+        spec = self.specs[name]
+        if req.version is not None:
+            if req.version not in spec.versions:
+                raise self._invalid("version", f"unknown version of {name}; registered: {sorted(spec.versions)}")
+            return name, req.version, False
+        fb = spec.fallback
+        if req.allow_fallback and fb and self.in_flight > fb.when_in_flight_over:
+            return name, fb.version, True
+        if spec.canary and random.random() < spec.canary.weight:
+            return name, spec.canary.version, False
+        return name, spec.default, False
+
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
         probe = await self._call("probe")
-        return Health(status="ok", model=self.info["model"], **probe)
+        return Health(status="ok", model=next(iter(self.catalog)), **probe)
 
     @app.get("/v1/models")
     async def models(self, creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> dict:
         self._authorize(creds)
-        return {"models": [self.info]}
+        return {"models": [{"model": name, "default": self.specs[name].default,
+                            "canary": self.specs[name].canary and self.specs[name].canary.model_dump(),
+                            "fallback": self.specs[name].fallback and self.specs[name].fallback.model_dump(),
+                            "versions": list(versions.values())} for name, versions in self.catalog.items()]}
 
     @app.post("/v1/generate", response_model=GenerateResponse,
               responses={401: {"description": "Missing or unknown bearer token"},
@@ -119,42 +147,54 @@ class Ingress:
                        creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> GenerateResponse:
         started = time.perf_counter()
         self._authorize(creds)
-        d, a = self.info["defaults"], self.args
-        sampler, steps = req.sampler or d["sampler"], req.steps or d["steps"]
+        self.in_flight += 1  # this request included: what the spike fallback's threshold counts
+        try:
+            return await self._generate(req, started)
+        finally:
+            self.in_flight -= 1
+
+    async def _generate(self, req: GenerateRequest, started: float) -> GenerateResponse:
+        name, version, fallback = self._route(req)
+        info, a = self.catalog[name][version], self.args
+        d = info["defaults"]
+        sampler = req.sampler or d["sampler"]
+        steps = self.specs[name].fallback.steps if fallback else (req.steps or d["steps"])
         guidance = d["guidance"] if req.guidance is None else req.guidance
-        for ok, field, msg in ((req.class_label < self.info["num_classes"], "class_label",
-                                f"must be < {self.info['num_classes']}"),
+        for ok, field, msg in ((req.class_label < info["num_classes"], "class_label", f"must be < {info['num_classes']}"),
                                (steps <= a.max_steps, "steps", f"must be <= {a.max_steps}"),
                                (req.num_images <= a.max_images, "num_images", f"must be <= {a.max_images}")):
             if not ok:
-                raise self._refuse(422, "invalid", [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
+                raise self._invalid(field, msg)
         seeds = tuple(range(req.seed, req.seed + req.num_images))
-        images = await self._call("__call__", Job(req.class_label, seeds, sampler, steps, guidance))
+        images = await self._call("__call__", Job(req.class_label, seeds, sampler, steps, guidance),
+                                  model_id=f"{name}/{version}")
         encoding = time.perf_counter()
         pngs = [base64.b64encode(png_bytes(img)).decode() for img in images]
         done = time.perf_counter()
         self.metrics.stage_seconds.observe(done - encoding, tags={"stage": "encode"})
         self.metrics.stage_seconds.observe(done - started, tags={"stage": "total"})
-        return GenerateResponse(model=self.info["model"], version=self.info["version"], stage=self.info["stage"],
+        return GenerateResponse(model=name, version=version, stage=info["stage"], fallback=fallback,
                                 class_label=req.class_label, sampler=sampler, steps=steps, guidance=guidance,
                                 nfe=nfe(steps, guidance, sampler), seeds=list(seeds), images=pngs)
 
 
-def model_info(checkpoint: str) -> dict:
-    """What a client may know of a checkpoint: name, version, stage and lineage, and its defaults."""
-    ckpt = resolve(checkpoint)
-    cfg, meta = read_config(ckpt), read_meta(ckpt)
+def version_info(name: str, version: str, checkpoint: str) -> dict:
+    """What a client may know of one version: its stage and lineage, and its sampling defaults."""
+    cfg, meta = read_config(checkpoint), read_meta(checkpoint)
     s = cfg.sample
-    return {"model": ckpt.parent.name if ckpt.is_dir() else ckpt.stem, "version": ckpt.name,
-            "stage": meta.get("stage", "pretrain"), "parent": meta.get("parent"), "teacher": meta.get("teacher"),
-            "num_classes": cfg.model.num_classes, "image_size": cfg.model.image_size,
+    return {"model": name, "version": version, "checkpoint": checkpoint, "stage": meta.get("stage", "pretrain"),
+            "parent": meta.get("parent"), "teacher": meta.get("teacher"), "num_classes": cfg.model.num_classes,
+            "image_size": cfg.model.image_size,
             "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}}
 
 
 def build_app(args: ServeArgs):
-    """Typed app builder: a checkpoint -> an ingress bound to an autoscaling sampler deployment."""
+    """Typed app builder: a checkpoint or a registry -> an ingress bound to an autoscaling, multiplexed
+    sampler deployment."""
     args = args.resolved()
-    info = model_info(args.checkpoint)
+    catalog = {name: {v: version_info(name, v, path) for v, path in spec.versions.items()}
+               for name, spec in args.models.items()}
+    checkpoints = {f"{name}/{v}": path for name, spec in args.models.items() for v, path in spec.versions.items()}
     scaling = ({"num_replicas": args.num_replicas} if args.num_replicas
                else {"autoscaling_config": args.autoscaling.serve_config()})
     busy = 2 * args.max_batch_images  # one batch running and the next filling
@@ -164,13 +204,14 @@ def build_app(args: ServeArgs):
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(args.replica_gpus)},
         max_ongoing_requests=busy, max_queued_requests=args.max_queued_requests,
         user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
-    ).bind(str(resolve(args.checkpoint)), info["model"])
+    ).bind(checkpoints, next(iter(checkpoints)))  # health probes: the first version, so a new default
+    # version changes only the ingress's arguments and Serve replaces only the ingress
     # Serve's default of 5 requests per ingress would cap a batch at 5 images: admit every request
     # the samplers could hold, queue a bounded number more, refuse the rest with 503.
     most = args.num_replicas or args.autoscaling.max_replicas
     return Ingress.options(max_ongoing_requests=most * busy + args.max_queued_requests,
                            max_queued_requests=args.max_queued_requests, backpressure_config=overload,
-                           ).bind(sampler, info, args)
+                           ).bind(sampler, catalog, args)
 
 
 class _DropLog(logging.Filter):
@@ -196,7 +237,8 @@ def run_blocking(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> 
         serve.run(build_app(args), name="dtrain", route_prefix="/")
     finally:
         logger.removeFilter(quiet)
-    print(f"serving {resolve(args.checkpoint)} at http://{host}:{port}  (POST /v1/generate, GET /v1/models, "
+    models = {name: list(spec.versions) for name, spec in args.resolved().models.items()}
+    print(f"serving {models} at http://{host}:{port}  (POST /v1/generate, GET /v1/models, "
           "GET /healthz, docs at /docs)", flush=True)
     import signal
     import threading

@@ -8,6 +8,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dtrain.checkpoint import resolve
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
@@ -20,10 +22,10 @@ class Autoscaling(_Strict):
     max_replicas: int = Field(4, ge=1)
     initial_replicas: Optional[int] = Field(None, ge=0, description="replicas at deploy: a warm pool above min")
     target_ongoing_requests: float = Field(8.0, gt=0, description="requests per replica the autoscaler aims at")
-    upscale_delay_s: float = Field(0.5, ge=0)
+    upscale_delay_s: float = Field(0.25, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
-    metrics_interval_s: float = Field(0.5, gt=0)
-    look_back_period_s: float = Field(2.0, gt=0)
+    metrics_interval_s: float = Field(0.25, gt=0)
+    look_back_period_s: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Autoscaling":
@@ -35,15 +37,51 @@ class Autoscaling(_Strict):
         return self.model_dump(exclude_none=True)
 
 
+class Canary(_Strict):
+    """A share of the requests that name no version goes to this one."""
+    version: str
+    weight: float = Field(gt=0, lt=1)
+
+
+class Fallback(_Strict):
+    """Under load, requests that allow it (`allow_fallback`) are answered by this version, usually a
+    distilled student, at `steps` steps: when the ingress holds more than `when_in_flight_over`
+    requests, the new one included (0: always)."""
+    version: str
+    steps: int = Field(ge=1)
+    when_in_flight_over: int = Field(ge=0)
+
+
+class ModelSpec(_Strict):
+    """One model of the registry: its versions (version -> checkpoint), the default, and optionally a
+    canary split and a fallback for spikes."""
+    versions: dict[str, str] = Field(min_length=1)
+    default: Optional[str] = Field(None, description="version for requests that name none; default: the last listed")
+    canary: Optional[Canary] = None
+    fallback: Optional[Fallback] = None
+
+    @model_validator(mode="after")
+    def _known_versions(self) -> "ModelSpec":
+        if self.default is None:
+            self.default = list(self.versions)[-1]
+        for role, v in (("default", self.default), ("canary", self.canary and self.canary.version),
+                        ("fallback", self.fallback and self.fallback.version)):
+            if v is not None and v not in self.versions:
+                raise ValueError(f"{role} version {v!r} is not one of the versions {sorted(self.versions)}")
+        return self
+
+
 class ServeArgs(_Strict):
-    """Arguments of `dtrain.serving.app:build_app`."""
-    checkpoint: str = Field(description="checkpoint directory, run directory (its newest checkpoint) or exported file")
+    """Arguments of `dtrain.serving.app:build_app`: one `checkpoint`, or a registry of `models`."""
+    checkpoint: Optional[str] = Field(None, description="checkpoint directory, run directory (its newest "
+                                                        "checkpoint) or exported file: served as one model")
+    models: Optional[dict[str, ModelSpec]] = Field(None, description="model name -> versions, default, canary")
     num_replicas: Optional[int] = Field(None, ge=1, description="a fixed replica count instead of autoscaling")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per sampler replica (its torch threads)")
     replica_gpus: Optional[float] = Field(None, ge=0, description="GPUs per replica; default 1 where the cluster has GPUs")
     max_batch_images: int = Field(16, ge=1, description="dynamic batching: images per model call")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill (added at low load)")
     max_queued_requests: int = Field(64, ge=1, description="requests waiting for a sampler beyond which 503 is answered")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of an overload answer")
     request_timeout_s: float = Field(60.0, gt=0, description="a request still unanswered after this gets 503")
@@ -54,6 +92,8 @@ class ServeArgs(_Strict):
 
     @model_validator(mode="after")
     def _fits(self) -> "ServeArgs":
+        if (self.checkpoint is None) == (self.models is None):
+            raise ValueError("give either checkpoint (one model) or models (a registry), not both or neither")
         if self.max_images > self.max_batch_images:
             raise ValueError(f"max_images {self.max_images} > max_batch_images {self.max_batch_images}: "
                              "a request must fit in one batch")
@@ -61,10 +101,23 @@ class ServeArgs(_Strict):
 
     def resolved(self) -> "ServeArgs":
         """Paths made absolute where the builder runs (`serve run` from the repository), so replicas,
-        whose working directory is Ray's, read the same files."""
-        ckpt = Path(self.checkpoint).expanduser()
-        if not ckpt.exists():
-            raise FileNotFoundError(f"checkpoint {self.checkpoint} not found (relative to {Path.cwd()}): give a path "
-                                    "that exists where the app is built, an absolute one for `serve deploy`")
+        whose working directory is Ray's, read the same files; a single checkpoint becomes a registry
+        of one model (its run's name) with one version (the checkpoint's name)."""
+        models = self.models or {}
+        if self.checkpoint is not None:
+            ckpt = resolve(_existing(self.checkpoint))
+            name = ckpt.parent.name if ckpt.is_dir() else ckpt.stem
+            models = {name: ModelSpec(versions={ckpt.name: str(ckpt)})}
+        models = {name: spec.model_copy(update={"versions": {v: str(resolve(_existing(p)))
+                                                                 for v, p in spec.versions.items()}})
+                  for name, spec in models.items()}
         tokens = self.auth_tokens_file and str(Path(self.auth_tokens_file).expanduser().resolve())
-        return self.model_copy(update={"checkpoint": str(ckpt.resolve()), "auth_tokens_file": tokens})
+        return self.model_copy(update={"checkpoint": None, "models": models, "auth_tokens_file": tokens})
+
+
+def _existing(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found (relative to {Path.cwd()}): give a path that "
+                                "exists where the app is built, an absolute one for `serve deploy`")
+    return p.resolve()

@@ -3,6 +3,7 @@ counted in images. Requests in one batch that differ in sampler, steps or guidan
 model calls and are scattered back in order; a sample depends on its seed alone, never on its batch."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -16,11 +17,12 @@ from ray import serve
 from dtrain.checkpoint import load_model, read_meta
 from dtrain.generation import image_shape, nfe, render
 from dtrain.images import to_uint8
-from dtrain.precision import choose
+from dtrain.precision import DTYPES, choose
 from dtrain.runtime import pin_threads
 from dtrain.serving.metrics import SamplerMetrics
 
 logger = logging.getLogger("ray.serve")
+MODELS_PER_REPLICA = 4  # versions a replica keeps loaded (least recently used is dropped)
 
 
 @dataclass(frozen=True)
@@ -41,47 +43,70 @@ def images_in(jobs: list[Job]) -> int:
     return sum(len(j.seeds) for j in jobs)
 
 
+@dataclass
+class Loaded:
+    """A checkpoint's network on this replica's device, cast once to the precision it runs in."""
+    net: torch.nn.Module
+    cfg: object
+    meta: dict
+    precision: str
+
+
 @serve.deployment(graceful_shutdown_timeout_s=60, health_check_period_s=10, health_check_timeout_s=60)
 class Sampler:
-    def __init__(self, checkpoint: str, model: str):
+    """Every version of the registry behind one deployment: Serve's model multiplexing routes a
+    request to a replica that already holds its version, and a replica keeps the last
+    MODELS_PER_REPLICA versions it used."""
+
+    def __init__(self, checkpoints: dict[str, str], default_model: str):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        threads = pin_threads()  # the replica's num_cpus, not every core of the node
-        self.net, self.cfg = load_model(checkpoint)
-        self.meta = read_meta(checkpoint)
-        choice = choose("auto", self.device)
-        self.precision = choice.precision
-        # cast and moved once here, so render() never makes a copy per batch
-        self.net.to(device=self.device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(choice.precision,
-                                                                                                   torch.float32))
-        self.metrics = SamplerMetrics(model)
+        self.threads = pin_threads()  # the replica's num_cpus, not every core of the node
+        self.checkpoints, self.default_model = checkpoints, default_model
+        self.metrics = SamplerMetrics(default_model)
         self.waiting = 0
-        self.probe()  # a replica that cannot sample (a missing VAE, a bad device) fails at start, not per request
-        logger.info(f"sampler: {checkpoint} on {self.device}, images {image_shape(self.cfg, self.meta)}, "
-                    f"precision {choice.precision} ({choice.reason}), {threads} thread(s)")
+
+    async def check_health(self) -> None:
+        await self.probe()  # raising marks the replica unhealthy and Serve replaces it
+
+    async def probe(self) -> dict:
+        """A real one-step, one-image sample of the default model: the health check of the replica and
+        of `/healthz`. The first one, at start, loads the model: a replica that cannot sample (a
+        missing VAE, a bad device) fails then, not per request."""
+        start = time.perf_counter()
+        m = await self.model(self.default_model)
+        x = await asyncio.to_thread(render, m.net, m.cfg, m.meta, torch.zeros(1, dtype=torch.long), [0], 1, 1.0,
+                                    m.precision)
+        if not torch.isfinite(x).all():
+            raise RuntimeError("the one-step probe sample is not finite")
+        return {"device": self.device, "precision": m.precision, "probe_ms": 1000 * (time.perf_counter() - start)}
+
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def model(self, model_id: str) -> Loaded:
+        if model_id not in self.checkpoints:
+            raise KeyError(f"unknown model {model_id!r}")
+        net, cfg = load_model(self.checkpoints[model_id])
+        meta = read_meta(self.checkpoints[model_id])
+        choice = choose("auto", self.device)
+        net.to(device=self.device, dtype=DTYPES[choice.precision])  # once, so render() never copies per batch
+        logger.info(f"sampler: {model_id} ({self.checkpoints[model_id]}) on {self.device}, images "
+                    f"{image_shape(cfg, meta)}, precision {choice.precision} ({choice.reason}), {self.threads} thread(s)")
+        return Loaded(net, cfg, meta, choice.precision)
 
     def reconfigure(self, user_config: dict) -> None:
         """Live settings (no restart): images per batch and the wait to fill one."""
         self.run_batch.set_max_batch_size(user_config["max_batch_images"])
         self.run_batch.set_batch_wait_timeout_s(user_config["batch_wait_timeout_s"])
 
-    def probe(self) -> dict:
-        """A real one-step, one-image sample: the health check of the replica and of `/healthz`."""
-        start = time.perf_counter()
-        x = render(self.net, self.cfg, self.meta, torch.zeros(1, dtype=torch.long), [0], 1, 1.0, self.precision)
-        if not torch.isfinite(x).all():
-            raise RuntimeError("the one-step probe sample is not finite")
-        return {"device": self.device, "precision": self.precision, "probe_ms": 1000 * (time.perf_counter() - start)}
-
-    def check_health(self) -> None:
-        self.probe()  # raising marks the replica unhealthy and Serve replaces it
-
     async def __call__(self, job: Job) -> np.ndarray:
         self.waiting += 1
         self.metrics.queue_depth.set(self.waiting)
         return await self.run_batch(job, time.perf_counter())
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=images_in)  # sized by the jobs
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=images_in)  # sized by the jobs
     async def run_batch(self, jobs: list[Job], queued_at: list[float]) -> list[np.ndarray]:
+        # Serve splits a batch by model: one version here, the one the request was routed for
+        model_id = serve.get_multiplexed_model_id() or self.default_model
+        m, tags = await self.model(model_id), {"model": model_id}
         started = time.perf_counter()
         self.waiting -= len(jobs)
         self.metrics.queue_depth.set(self.waiting)
@@ -94,16 +119,18 @@ class Sampler:
         for (sampler, steps, guidance), idx in groups.items():
             labels = torch.cat([torch.full((len(jobs[i].seeds),), jobs[i].class_label) for i in idx])
             seeds = [s for i in idx for s in jobs[i].seeds]
-            images = to_uint8(render(self.net, self.cfg, self.meta, labels, seeds, steps, guidance, self.precision,
-                                     sampler))
-            self.metrics.batch_images.observe(len(seeds))
-            self.metrics.images.inc(len(seeds))
-            self.metrics.nfe.inc(len(seeds) * nfe(steps, guidance, sampler))
+            # in a thread: the replica's event loop keeps taking requests (the next batch fills
+            # while this one computes) and answering health checks
+            images = to_uint8(await asyncio.to_thread(render, m.net, m.cfg, m.meta, labels, seeds, steps, guidance,
+                                                      m.precision, sampler))
+            self.metrics.batch_images.observe(len(seeds), tags=tags)
+            self.metrics.images.inc(len(seeds), tags=tags)
+            self.metrics.nfe.inc(len(seeds) * nfe(steps, guidance, sampler), tags=tags)
             start = 0
             for i in idx:
                 n = len(jobs[i].seeds)
                 out[i], start = images[start: start + n], start + n
-        self.metrics.stage_seconds.observe(time.perf_counter() - started, tags={"stage": "compute"})
+        self.metrics.stage_seconds.observe(time.perf_counter() - started, tags={"stage": "compute", **tags})
         return out  # type: ignore[return-value]
 
 

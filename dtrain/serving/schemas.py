@@ -15,6 +15,10 @@ Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    model: Optional[str] = Field(None, max_length=128, description="Registered model; default: the first")
+    version: Optional[str] = Field(None, max_length=128,
+                                   description="Version of that model; default: its default (or a canary share)")
+    allow_fallback: bool = Field(False, description="Under load, accept the model's registered few-step fallback")
     class_label: int = Field(ge=0, le=100_000, description="Class to generate, 0..num_classes-1")
     seed: int = Field(0, ge=0, lt=2**62, description="Image i uses seed + i: same seed, same image")
     num_images: int = Field(1, ge=1, le=1024, description="Images to generate (the deployment's max_images bounds it)")
@@ -25,9 +29,10 @@ class GenerateRequest(BaseModel):
 
 
 class GenerateResponse(BaseModel):
-    model: str = Field(description="Model (training run) the images came from")
-    version: str = Field(description="Checkpoint of that run")
+    model: str = Field(description="Registered model the images came from")
+    version: str = Field(description="Version of that model that served the request")
     stage: str = Field(description="Training stage of the checkpoint: pretrain, reflow, distill")
+    fallback: bool = Field(description="Whether the spike fallback served this request")
     class_label: int
     sampler: str
     steps: int

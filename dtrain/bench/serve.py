@@ -1,0 +1,235 @@
+"""`dtrain bench serve`: what Ray Serve costs against sampling the same model in-process, and how the
+app rides a traffic spike. Loopback only, bounded in time and in clients.
+
+1. The limit: in-process batched sampling (`max_batch_images` per call, the replica's threads).
+2. One fixed replica at concurrency 1, 16, 64 (closed-loop clients, one image per request):
+   throughput against the limit, p50/p95/p99 latency, status codes, the latency added at 1.
+3. An autoscaling deployment under a spike: baseline clients, 8x, baseline again, then a 10x
+   flood: replicas over time, how long after the spike the most replicas ran, and that every
+   answer was a 200, 429 or 503 with no admitted request lost (no dropped connection, no 5xx).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import numpy as np
+import torch
+
+from dtrain.serving.config import Autoscaling, ServeArgs
+
+
+@dataclass
+class Shot:
+    """One request: when it was sent (s since the run began), how long it took, what came back."""
+    sent: float
+    latency: float
+    status: int  # 0: no HTTP answer (a dropped connection or a client timeout)
+    phase: str
+
+
+async def _closed_loop(client: httpx.AsyncClient, body: dict, until: float, origin: float, phase: str,
+                       shots: list[Shot]) -> None:
+    while time.perf_counter() < until:
+        sent = time.perf_counter()
+        try:
+            r = await client.post("/v1/generate", json=body)
+            status = r.status_code if r.status_code != 200 or len(r.json()["images"]) == body["num_images"] else 0
+        except httpx.HTTPError:
+            status = 0
+        shots.append(Shot(sent - origin, time.perf_counter() - sent, status, phase))
+        if status in (429, 503):
+            await asyncio.sleep(0.05)  # a client that honours back-off a little, not a tight retry loop
+
+
+async def _phases(url: str, body: dict, phases: list[tuple[str, int, float]], origin: float) -> list[Shot]:
+    """Run (name, clients, seconds) phases back to back; each keeps `clients` requests in flight."""
+    shots: list[Shot] = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        for name, clients, seconds in phases:
+            until = time.perf_counter() + seconds
+            await asyncio.gather(*(_closed_loop(client, body, until, origin, name, shots) for _ in range(clients)))
+    return shots
+
+
+def summarize(shots: list[Shot], images_per_request: int = 1) -> dict:
+    """Latency percentiles of the 200s, throughput in images/s over the phase, status counts."""
+    ok = [s for s in shots if s.status == 200]
+    span = max(s.sent + s.latency for s in shots) - min(s.sent for s in shots) if shots else 0.0
+    lat = np.array([s.latency for s in ok]) * 1000 if ok else np.array([np.nan])
+    codes: dict[str, int] = {}
+    for s in shots:
+        codes[str(s.status)] = codes.get(str(s.status), 0) + 1
+    return {"requests": len(shots), "images_per_s": len(ok) * images_per_request / span if span else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+            "p99_ms": float(np.percentile(lat, 99)), "codes": codes}
+
+
+def in_process_limit(checkpoint: str, steps: int, batch: int, threads: int, seconds: float = 3.0) -> dict:
+    """Images/s of `render` on full batches, and the latency of one image, in this process."""
+    from dtrain.checkpoint import load_model, read_meta
+    from dtrain.generation import render
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        net, cfg = load_model(checkpoint)
+        meta = read_meta(checkpoint)
+        s = cfg.sample
+        labels = torch.arange(batch) % cfg.model.num_classes
+        call = lambda n: render(net, cfg, meta, labels[:n], list(range(n)), steps, s.guidance, "fp32", s.sampler)  # noqa: E731
+        call(batch)  # warm up
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            call(batch)
+            done += batch
+        rate = done / (time.perf_counter() - start)
+        one = []
+        for _ in range(10):
+            t = time.perf_counter()
+            call(1)
+            one.append(time.perf_counter() - t)
+        return {"images_per_s": rate, "one_image_ms": 1000 * float(np.median(one))}
+    finally:
+        torch.set_num_threads(before)
+
+
+class ReplicaWatch:
+    """Polls the sampler's replicas in a thread: `samples` [(seconds since origin, RUNNING)] and
+    `requested` [(seconds, replicas the autoscaler asked for: starting or running)]."""
+
+    def __init__(self, app: str, origin: float, every_s: float = 0.25):
+        self.app, self.origin, self.every_s = app, origin, every_s
+        self.samples: list[tuple[float, int]] = []
+        self.requested: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        from ray import serve
+
+        while not self._stop.is_set():
+            app = serve.status().applications.get(self.app)
+            if app and "Sampler" in app.deployments:
+                states, t = app.deployments["Sampler"].replica_states, time.perf_counter() - self.origin
+                self.samples.append((t, states.get("RUNNING", 0)))
+                self.requested.append((t, sum(n for k, n in states.items() if k != "STOPPING")))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "ReplicaWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def time_to_max(samples: list[tuple[float, int]], spike_at: float, most: int) -> Optional[float]:
+    """Seconds from the spike until `most` replicas ran (None if they never did)."""
+    return next((t - spike_at for t, n in samples if t >= spike_at and n >= most), None)
+
+
+def _deploy(name: str, args: ServeArgs) -> None:
+    from ray import serve
+
+    from dtrain.serving.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+
+
+def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: float = 6.0,
+        concurrencies: tuple[int, ...] = (1, 16, 64), baseline: int = 4, max_replicas: int = 4,
+        replica_cpus: float = 0.5, max_batch_images: int = 16, batch_wait_timeout_s: float = 0.005,
+        plot: Optional[str] = None) -> tuple[list[dict], dict]:
+    """The benchmark against Serve at `url` (else one started here on a free loopback port)."""
+    from ray import serve
+
+    if url is None:
+        from dtrain.runtime import free_port
+
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+    body = {"class_label": 3, "steps": steps, "num_images": 1}
+    rows: list[dict] = []
+    limit = in_process_limit(checkpoint, steps, max_batch_images, threads=1)
+    rows.append({"phase": "in-process", "clients": max_batch_images, **limit})
+
+    # one replica with the in-process threads: what Serve adds
+    _deploy("bench_fixed", ServeArgs(checkpoint=checkpoint, num_replicas=1, replica_cpus=1,
+                                     max_batch_images=max_batch_images, batch_wait_timeout_s=batch_wait_timeout_s,
+                                     max_queued_requests=4 * max(concurrencies)))
+    for c in concurrencies:
+        shots = asyncio.run(_phases(f"{url}/bench_fixed", body, [(f"c{c}", c, seconds)], time.perf_counter()))
+        s = summarize(shots)
+        rows.append({"phase": f"fixed c={c}", "clients": c, **s,
+                     "vs_in_process": s["images_per_s"] / limit["images_per_s"]})
+    # the same compute in requests of max_batch_images images: what the per-request cost is
+    shots = asyncio.run(_phases(f"{url}/bench_fixed", {**body, "num_images": max_batch_images},
+                                [("multi", 4, seconds)], time.perf_counter()))
+    s = summarize(shots, images_per_request=max_batch_images)
+    rows.append({"phase": f"fixed c=4, {max_batch_images} images/request", "clients": 4, **s,
+                 "vs_in_process": s["images_per_s"] / limit["images_per_s"]})
+    serve.delete("bench_fixed")
+    at_one = next(r for r in rows if r["phase"] == "fixed c=1")
+
+    # autoscaling through a spike and a flood
+    scaling = Autoscaling(min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=2 * baseline,
+                          upscale_delay_s=0.5, downscale_delay_s=30)
+    _deploy("bench_auto", ServeArgs(checkpoint=checkpoint, autoscaling=scaling, replica_cpus=replica_cpus,
+                                    max_batch_images=max_batch_images, batch_wait_timeout_s=batch_wait_timeout_s,
+                                    max_queued_requests=64))
+    phases = [("baseline", baseline, seconds), ("spike 8x", 8 * baseline, seconds), ("baseline again", baseline, seconds),
+              ("flood 10x", 80 * baseline, seconds / 2)]
+    origin = time.perf_counter()
+    with ReplicaWatch("bench_auto", origin) as watch:
+        shots = asyncio.run(_phases(f"{url}/bench_auto", body, phases, origin))
+    serve.delete("bench_auto")
+    starts = np.cumsum([0.0] + [p[2] for p in phases])
+    for (name, clients, _), start in zip(phases, starts):
+        most = max((n for t, n in watch.samples if start <= t < start + seconds), default=0)
+        rows.append({"phase": name, "clients": clients, **summarize([s for s in shots if s.phase == name]),
+                     "replicas_max": most})
+    flood = next(r for r in rows if r["phase"] == "flood 10x")
+    reached = time_to_max(watch.samples, float(starts[1]), max_replicas)
+    summary = {
+        "steps": steps, "checkpoint": checkpoint, "seconds_per_phase": seconds, "max_replicas": max_replicas,
+        "throughput_vs_in_process_c16": next(r for r in rows if r["phase"] == "fixed c=16")["vs_in_process"],
+        "added_latency_c1_ms": at_one["p50_ms"] - limit["one_image_ms"],
+        "seconds_to_scale_decision_after_spike": time_to_max(watch.requested, float(starts[1]), max_replicas),
+        "seconds_to_max_replicas_after_spike": reached,
+        "flood_codes": flood["codes"],
+        "flood_only_200_429_503": set(flood["codes"]) <= {"200", "429", "503"},
+        "lost_requests": sum(r["codes"].get("0", 0) + sum(v for k, v in r["codes"].items() if k.startswith("5")
+                                                          and k != "503") for r in rows if "codes" in r),
+    }
+    if plot:
+        summary["plot"] = str(plot_timeline(shots, watch.samples, phases, plot))
+    return rows, summary
+
+
+def plot_timeline(shots: list[Shot], replicas: list[tuple[float, int]], phases: list[tuple[str, int, float]],
+                  path: str | Path, bin_s: float = 0.5) -> Path:
+    """Clients, running replicas and p95 latency against time, one panel each."""
+    from dtrain.plots import Panel, panels
+
+    edges = np.cumsum([0.0] + [p[2] for p in phases])
+    load = [(float(a), float(c)) for (_, c, _), a in zip(phases, edges)] + [(float(edges[-1]), float(phases[-1][1]))]
+    p95 = []
+    for t in np.arange(0, edges[-1], bin_s):
+        done = [s.latency * 1000 for s in shots if s.status == 200 and t <= s.sent + s.latency < t + bin_s]
+        if done:
+            p95.append((float(t + bin_s / 2), float(np.percentile(done, 95))))
+    stack = [Panel("clients (requests in flight)", {"clients": load}, step={"clients"}),
+             Panel("sampler replicas running", {"replicas": [(t, float(n)) for t, n in replicas]}, step={"replicas"})]
+    if p95:  # none when no request was answered
+        stack.append(Panel("p95 latency of answered requests (ms)", {"p95 ms": p95}))
+    return panels(path, stack,
+                  xlabel="seconds since the load began (baseline, 8x spike, baseline, flood)", size=(720, 600))
