@@ -38,6 +38,11 @@ def head():
     yield address
     proc.terminate()  # `ray start --block` stops the processes it started
     proc.wait(timeout=60)
+    # ...but leaves its address as "the current cluster", which a later `ray`/`serve` command on
+    # this machine would try to join: remove it when it is this head's
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.is_file() and current.read_text().strip().endswith(f":{GCS}"):
+        current.unlink()
 
 
 def dtrain(*args, **env):
