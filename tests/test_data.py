@@ -79,3 +79,38 @@ def test_written_samples_are_png_and_label(tmp_path):
         png = tar.extractfile("00000000.png").read()
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), img)
         assert tar.extractfile("00000000.cls").read() == b"7"
+
+
+def test_pickled_payloads_are_refused_and_never_run(tmp_path):
+    import pickle
+    import tarfile
+
+    from dtrain.data.shards import decode_sample
+
+    marker = tmp_path / "pwned"
+
+    class Payload:  # unpickling it would create the marker file
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    shard = tmp_path / "evil-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("s0.pickle", pickle.dumps(Payload())), ("s0.cls", b"1"),
+                           ("s1.latent.npy", _npy(np.array([Payload()], dtype=object))), ("s1.cls", b"2")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    import webdataset as wds
+
+    samples = list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()))
+    with pytest.raises(DataError, match=r"holds \['pickle'\]: dtrain never unpickles"):
+        decode_sample(samples[0])
+    with pytest.raises(DataError, match="latent.npy: .*never unpickles"):
+        decode_sample(samples[1])
+    assert not marker.exists()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()

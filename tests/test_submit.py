@@ -1,5 +1,6 @@
 """`dtrain submit` against a real head started with `ray start --head` (token authentication on)."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,8 +37,12 @@ def head():
         pytest.fail(f"ray head did not come up (exit code {proc.poll()})")
     time.sleep(3)
     yield address
-    proc.terminate()  # `ray start --block` stops the processes it started
-    proc.wait(timeout=60)
+    proc.terminate()  # `ray start --block` stops the processes it started...
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # ...gracefully, in about 30 s: a test head need not wait for that
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     # ...but leaves its address as "the current cluster", which a later `ray`/`serve` command on
     # this machine would try to join: remove it when it is this head's
     current = Path("/tmp/ray/ray_current_cluster")

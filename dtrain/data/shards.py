@@ -80,16 +80,27 @@ def absolute_urls(urls: str) -> str:
     return "::".join(p if "://" in p else os.path.abspath(p) for p in urls.split("::"))
 
 
-def _array(data: bytes) -> torch.Tensor:
-    return torch.tensor(np.load(io.BytesIO(data)), dtype=torch.float32)
+PICKLED = {"pickle", "pkl", "pyd", "pth", "pt"}  # extensions whose decoding would run pickle
+
+
+def _array(data: bytes, key: str) -> torch.Tensor:
+    try:
+        return torch.tensor(np.load(io.BytesIO(data), allow_pickle=False), dtype=torch.float32)
+    except ValueError as e:  # an object array: loading it would unpickle
+        raise DataError(f"{key}: {e}; dtrain never unpickles shard data: write numeric .npy arrays") from None
 
 
 def decode_sample(sample: dict) -> tuple:
-    """(x [C, H, W], label) or, for a reflow pair, (x, label, noise [C, H, W])."""
+    """(x [C, H, W], label) or, for a reflow pair, (x, label, noise [C, H, W]). A sample holding a
+    pickled payload is refused before anything is decoded: shard data never runs pickle."""
+    pickled = sorted(k for k in sample if k.rsplit(".", 1)[-1] in PICKLED)
+    if pickled:
+        raise DataError(f"sample {sample.get('__key__')} of {sample.get('__url__')} holds {pickled}: dtrain never "
+                        "unpickles shard data; write arrays as .npy and images as .png")
     if "noise.npy" in sample:
-        return _array(sample["x.npy"]), int(sample["cls"]), _array(sample["noise.npy"])
+        return _array(sample["x.npy"], "x.npy"), int(sample["cls"]), _array(sample["noise.npy"], "noise.npy")
     if "latent.npy" in sample:  # latents are used as encoded: already scaled, no [-1, 1] mapping
-        return _array(sample["latent.npy"]), int(sample["cls"])
+        return _array(sample["latent.npy"], "latent.npy"), int(sample["cls"])
     img = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.float32) / 127.5 - 1.0  # [-1, 1]
     x = torch.from_numpy(img)
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # [C, H, W]
