@@ -44,14 +44,6 @@ def test_training_writes_a_self_describing_checkpoint_and_tracks(trained):
     assert out.abs().sum() > 0  # trained away from the zero init
 
 
-def deploy(ckpt, name: str) -> None:
-    from ray import serve
-
-    from dtrain.serving.app import ServeArgs, build_app
-
-    serve.run(build_app(ServeArgs(checkpoint=str(ckpt), replica_cpus=0.5)), name=name, route_prefix=f"/{name}")
-
-
 CRASH_COMMON = ["train.steps=8", "train.ckpt_every=4", "train.precision=fp32", "train.ema_decay=0.9",
                 "train.grad_accum_steps=2"]
 
@@ -110,12 +102,14 @@ def test_rerun_with_another_worker_count_resumes_through_a_universal_checkpoint(
 def test_ssm_hybrid_trains_under_deepspeed_and_serves(ray_cluster, digits_dir, tmp_path, serve_url):
     from ray import serve
 
+    from dtrain.serving.app import ServeArgs, deploy
+
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp_path) + [
         "model.arch=ssm", "train.run_name=ssm", "train.steps=4", "train.ckpt_every=4", "train.zero_stage=3"])
     ckpt = fit(cfg)
     net, cfg2 = load_model(ckpt)
     assert cfg2.model.arch == "ssm" and any(type(b).__name__ == "SSMBlock" for b in net.blocks)
-    deploy(ckpt, "ssm")
+    deploy(ServeArgs(checkpoint=str(ckpt), replica_cpus=0.5), "ssm")
     r = httpx.post(f"{serve_url}/ssm/v1/generate", json={"class_label": 5, "steps": 3}, timeout=60)
     assert r.status_code == 200, r.text
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (8, 8)

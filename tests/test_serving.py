@@ -79,23 +79,17 @@ def served(serve_url, versions, tmp_path_factory):
     at /srv; a short queue (16), so a flood of a hundred requests overflows it."""
     from ray import serve
 
+    from dtrain.serving.app import deploy
+
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text(TOKEN + "\n")
-    _deploy(ServeArgs(models=_registry(versions, default="ckpt", canary={"version": "v2", "weight": 0.5},
+    deploy(ServeArgs(models=_registry(versions, default="ckpt", canary={"version": "v2", "weight": 0.5},
                                        fallback={"version": "v2", "steps": 1, "when_in_flight_over": 0}),
                       num_replicas=2, replica_cpus=0.5, max_batch_images=8, max_images=4, max_queued_requests=16,
-                      retry_after_s=2, auth_tokens_file=str(tokens)))
+                      retry_after_s=2, auth_tokens_file=str(tokens)), "srv")
     with httpx.Client(base_url=f"{serve_url}/srv", timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
         yield c
     serve.delete("srv")
-
-
-def _deploy(args: ServeArgs) -> None:
-    from ray import serve
-
-    from dtrain.serving.app import build_app
-
-    serve.run(build_app(args), name="srv", route_prefix="/srv")
 
 
 def _pixels(b64: str) -> np.ndarray:
@@ -287,6 +281,8 @@ def test_a_flood_is_shed_with_503_and_nothing_admitted_is_lost(served):
 @pytest.mark.slow
 def test_a_new_default_version_deploys_under_traffic_without_losing_a_request(served, versions, tmp_path):
     """Redeploy with v2 as the default (no canary) while clients keep sending: every request answered."""
+    from dtrain.serving.app import deploy
+
     statuses, served_by, stop = [], [], threading.Event()
 
     def traffic():
@@ -301,8 +297,8 @@ def test_a_new_default_version_deploys_under_traffic_without_losing_a_request(se
     try:
         tokens = tmp_path / "tokens"
         tokens.write_text(TOKEN)
-        _deploy(ServeArgs(models=_registry(versions, default="v2"), num_replicas=2, replica_cpus=0.5,
-                          max_batch_images=8, max_images=4, auth_tokens_file=str(tokens)))
+        deploy(ServeArgs(models=_registry(versions, default="v2"), num_replicas=2, replica_cpus=0.5,
+                         max_batch_images=8, max_images=4, auth_tokens_file=str(tokens)), "srv")
         time.sleep(1.0)
     finally:
         stop.set()

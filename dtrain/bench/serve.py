@@ -136,20 +136,14 @@ def time_to_max(samples: list[tuple[float, int]], spike_at: float, most: int) ->
     return next((t - spike_at for t, n in samples if t >= spike_at and n >= most), None)
 
 
-def _deploy(name: str, args: ServeArgs) -> None:
-    from ray import serve
-
-    from dtrain.serving.app import build_app
-
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-
-
 def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: float = 6.0,
         concurrencies: tuple[int, ...] = (1, 16, 64), baseline: int = 4, max_replicas: int = 4,
         replica_cpus: float = 0.5, max_batch_images: int = 16, batch_wait_timeout_s: float = 0.005,
         plot: Optional[str] = None) -> tuple[list[dict], dict]:
     """The benchmark against Serve at `url` (else one started here on a free loopback port)."""
     from ray import serve
+
+    from dtrain.serving.app import deploy
 
     if url is None:
         from dtrain.runtime import free_port
@@ -163,9 +157,9 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
     rows.append({"phase": "in-process", "clients": max_batch_images, **limit})
 
     # one replica with the in-process threads: what Serve adds
-    _deploy("bench_fixed", ServeArgs(checkpoint=checkpoint, num_replicas=1, replica_cpus=1,
+    deploy(ServeArgs(checkpoint=checkpoint, num_replicas=1, replica_cpus=1,
                                      max_batch_images=max_batch_images, batch_wait_timeout_s=batch_wait_timeout_s,
-                                     max_queued_requests=4 * max(concurrencies)))
+                                     max_queued_requests=4 * max(concurrencies)), "bench_fixed")
     for c in concurrencies:
         shots = asyncio.run(_phases(f"{url}/bench_fixed", body, [(f"c{c}", c, seconds)], time.perf_counter()))
         s = summarize(shots)
@@ -183,9 +177,9 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
     # autoscaling through a spike and a flood
     scaling = Autoscaling(min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=2 * baseline,
                           upscale_delay_s=0.5, downscale_delay_s=30)
-    _deploy("bench_auto", ServeArgs(checkpoint=checkpoint, autoscaling=scaling, replica_cpus=replica_cpus,
+    deploy(ServeArgs(checkpoint=checkpoint, autoscaling=scaling, replica_cpus=replica_cpus,
                                     max_batch_images=max_batch_images, batch_wait_timeout_s=batch_wait_timeout_s,
-                                    max_queued_requests=64))
+                                    max_queued_requests=64), "bench_auto")
     phases = [("baseline", baseline, seconds), ("spike 8x", 8 * baseline, seconds), ("baseline again", baseline, seconds),
               ("flood 10x", 80 * baseline, seconds / 2)]
     origin = time.perf_counter()

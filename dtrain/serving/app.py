@@ -1,13 +1,14 @@
 """Ray Serve app: a FastAPI ingress in front of an autoscaling, batching sampler deployment.
 
-    POST /v1/generate  {class_label, seed, num_images, sampler, steps, guidance} -> PNG images (base64)
-    GET  /v1/models    the served model: stage, lineage, default sampler and steps
+    POST /v1/generate  {model, version, allow_fallback, class_label, seed, num_images, sampler, steps,
+                        guidance} -> PNG images (base64)
+    GET  /v1/models    the registered models and versions: stage, lineage, default sampler and steps
     GET  /healthz      a real one-step sample on a sampler replica
     GET  /docs         Swagger UI, served from a package (works offline)
 
-Deploy with `dtrain serve CHECKPOINT`, or `serve run serve/digits.yaml` (import path
-dtrain.serving.app:build_app, typed arguments dtrain.serving.config.ServeArgs). A replica needs only
-the checkpoint: no Ray Train, no DeepSpeed. Overload is answered with 503 and Retry-After, never a
+Deploy with `dtrain serve CHECKPOINT` (or `--models FILE`), or `serve run serve/digits.yaml` (import
+path dtrain.serving.app:build_app, typed arguments dtrain.serving.config.ServeArgs). A replica needs
+only the checkpoints: no Ray Train, no DeepSpeed. Overload is answered with 503 and Retry-After, never a
 500; every invalid body gets a 422 naming the field.
 """
 # No `from __future__ import annotations` here: FastAPI must see the real request types.
@@ -214,6 +215,12 @@ def build_app(args: ServeArgs):
                            ).bind(sampler, catalog, args)
 
 
+def deploy(args: ServeArgs, name: str, route_prefix: Optional[str] = None) -> None:
+    """Build and run the app on the Serve instance this process is connected to, at `route_prefix`
+    (default `/<name>`); returns once every replica is up."""
+    serve.run(build_app(args), name=name, route_prefix=route_prefix or f"/{name}")
+
+
 class _DropLog(logging.Filter):
     def __init__(self, text: str):
         super().__init__()
@@ -227,6 +234,7 @@ def run_blocking(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> 
     """`dtrain serve`: start (or join) a local Ray cluster, deploy, serve until Ctrl-C."""
     from dtrain.runtime import ensure_ray
 
+    args = args.resolved()  # a missing checkpoint fails here, before a cluster starts
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     # serve.run reconnects to the Serve instance started just above and logs that "new http_options
@@ -234,10 +242,10 @@ def run_blocking(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> 
     quiet = _DropLog("Connecting to existing Serve app")
     logger.addFilter(quiet)
     try:
-        serve.run(build_app(args), name="dtrain", route_prefix="/")
+        deploy(args, "dtrain", route_prefix="/")
     finally:
         logger.removeFilter(quiet)
-    models = {name: list(spec.versions) for name, spec in args.resolved().models.items()}
+    models = {name: list(spec.versions) for name, spec in args.models.items()}
     print(f"serving {models} at http://{host}:{port}  (POST /v1/generate, GET /v1/models, "
           "GET /healthz, docs at /docs)", flush=True)
     import signal

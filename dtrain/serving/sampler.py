@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -69,9 +68,9 @@ class Sampler:
         await self.probe()  # raising marks the replica unhealthy and Serve replaces it
 
     async def probe(self) -> dict:
-        """A real one-step, one-image sample of the default model: the health check of the replica and
-        of `/healthz`. The first one, at start, loads the model: a replica that cannot sample (a
-        missing VAE, a bad device) fails then, not per request."""
+        """A real one-step, one-image sample of `default_model` (the registry's first version): the
+        health check of the replica and of `/healthz`. The first one, at start, loads the model: a
+        replica that cannot sample (a missing VAE, a bad device) fails then, not per request."""
         start = time.perf_counter()
         m = await self.model(self.default_model)
         x = await asyncio.to_thread(render, m.net, m.cfg, m.meta, torch.zeros(1, dtype=torch.long), [0], 1, 1.0,
@@ -140,4 +139,4 @@ def replica_gpus(requested: Optional[float]) -> float:
         return requested
     import ray
 
-    return 1.0 if math.floor(ray.cluster_resources().get("GPU", 0)) > 0 else 0.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
