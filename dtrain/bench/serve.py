@@ -160,11 +160,13 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
     deploy(ServeArgs(checkpoint=checkpoint, num_replicas=1, replica_cpus=1,
                                      max_batch_images=max_batch_images, batch_wait_timeout_s=batch_wait_timeout_s,
                                      max_queued_requests=4 * max(concurrencies)), "bench_fixed")
+    fixed: dict[int, dict] = {}  # clients -> row
     for c in concurrencies:
         shots = asyncio.run(_phases(f"{url}/bench_fixed", body, [(f"c{c}", c, seconds)], time.perf_counter()))
         s = summarize(shots)
-        rows.append({"phase": f"fixed c={c}", "clients": c, **s,
-                     "vs_in_process": s["images_per_s"] / limit["images_per_s"]})
+        fixed[c] = {"phase": f"fixed c={c}", "clients": c, **s,
+                    "vs_in_process": s["images_per_s"] / limit["images_per_s"]}
+        rows.append(fixed[c])
     # the same compute in requests of max_batch_images images: what the per-request cost is
     shots = asyncio.run(_phases(f"{url}/bench_fixed", {**body, "num_images": max_batch_images},
                                 [("multi", 4, seconds)], time.perf_counter()))
@@ -172,7 +174,6 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
     rows.append({"phase": f"fixed c=4, {max_batch_images} images/request", "clients": 4, **s,
                  "vs_in_process": s["images_per_s"] / limit["images_per_s"]})
     serve.delete("bench_fixed")
-    at_one = next(r for r in rows if r["phase"] == "fixed c=1")
 
     # autoscaling through a spike and a flood
     scaling = Autoscaling(min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=2 * baseline,
@@ -195,8 +196,9 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
     reached = time_to_max(watch.samples, float(starts[1]), max_replicas)
     summary = {
         "steps": steps, "checkpoint": checkpoint, "seconds_per_phase": seconds, "max_replicas": max_replicas,
-        "throughput_vs_in_process_c16": next(r for r in rows if r["phase"] == "fixed c=16")["vs_in_process"],
-        "added_latency_c1_ms": at_one["p50_ms"] - limit["one_image_ms"],
+        "throughput_vs_in_process": {f"c{c}": r["vs_in_process"] for c, r in fixed.items()},
+        # p50 at the fewest clients against one in-process image: what Serve adds to a lone request
+        "added_latency_ms": fixed[min(fixed)]["p50_ms"] - limit["one_image_ms"],
         "seconds_to_scale_decision_after_spike": time_to_max(watch.requested, float(starts[1]), max_replicas),
         "seconds_to_max_replicas_after_spike": reached,
         "flood_codes": flood["codes"],
