@@ -27,6 +27,12 @@ def _config(path, overrides):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """dtrain: train and serve diffusion models with Ray Train, DeepSpeed and Ray Serve."""
+    from dtrain.secrets import SecretsError, unseal_into_environ
+
+    try:
+        unseal_into_environ()  # a job from `dtrain submit`: its sealed secrets, before anything reads them
+    except SecretsError as e:
+        raise UserError(str(e)) from None
 
 
 @main.command("config")
@@ -177,16 +183,31 @@ def pairs(teacher, out, count, per_shard, steps, sampler, guidance, address):
 @main.command()
 @click.option("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
 @click.option("--working-dir", default=".", show_default=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--runtime-env", "runtime_env_file", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="A runtime_env YAML (e.g. cluster/runtime_env.yaml) under the project's working_dir.")
+@click.option("--pipeline", "is_pipeline", is_flag=True, help="CONFIG is a pipeline file: run `dtrain pipeline`.")
 @click.option("--no-follow", is_flag=True, help="Return once submitted instead of streaming the logs.")
 @click.argument("config", type=click.Path(dir_okay=False, exists=True))
 @click.argument("overrides", nargs=-1)
-def submit(address, working_dir, no_follow, config, overrides):
-    """Submit `dtrain train CONFIG` as a Ray job, stream its logs, exit with its status."""
+def submit(address, working_dir, runtime_env_file, is_pipeline, no_follow, config, overrides):
+    """Submit `dtrain train CONFIG` (or `dtrain pipeline CONFIG`) as a Ray job, stream its logs, exit with
+    its status. Secrets set here (WANDB_API_KEY, DTRAIN_SERVE_TOKENS, AWS_*) reach the job as runtime_env
+    env_vars and are never printed."""
     from dtrain.submit import SubmitError, submit as submit_job
 
-    _config(config, overrides)  # a bad config fails here, not on the cluster
+    if is_pipeline:  # a bad config fails here, not on the cluster
+        from dtrain.config import load_pipeline
+
+        try:
+            load_pipeline(config, list(overrides))
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+    else:
+        _config(config, overrides)
     try:
-        job_id, status = submit_job(address, config, list(overrides), working_dir, follow=not no_follow)
+        job_id, status = submit_job(address, config, list(overrides), working_dir, follow=not no_follow,
+                                    command="pipeline" if is_pipeline else "train",
+                                    runtime_env_file=runtime_env_file)
     except (ValueError, SubmitError) as e:
         raise UserError(f"submit: {e}") from None
     click.echo(f"job {job_id}: {status.value}")

@@ -18,7 +18,10 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, log_to
     # Ray Train V2 both logs and (when another library wrapped stdout) echoes every print: each line twice.
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env})
+        # Inside a Ray job the job's env_vars are already ours; naming one again is a conflict that
+        # ray.init refuses (printing the job's whole runtime_env, secrets included).
+        env = {k: v for k, v in env.items() if k not in os.environ}
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
     else:
         # One machine has no spot preemption to watch for; Ray 2.60's watcher only logs an alarming
         # "constructor arguments in the object store" error at every start.

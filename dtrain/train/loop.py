@@ -26,6 +26,7 @@ from dtrain.generation import grid_from_weights
 from dtrain.models import build_model, count_params
 from dtrain.precision import Choice, choose
 from dtrain.runtime import pin_threads
+from dtrain.secrets import unseal_into_environ
 from dtrain.tracking import make_tracker
 from dtrain.train.control import StepControl
 from dtrain.train.deepspeed_glue import wrap_deepspeed
@@ -50,6 +51,7 @@ def agreed_precision(requested: str, device: str, rank: int) -> Choice:
 
 
 def train_func(cfg_dict: dict) -> None:
+    unseal_into_environ()  # W&B key, storage credentials of a submitted job (dtrain.secrets)
     cfg = from_yaml(cfg_dict["yaml"])
     run_dir = Path(cfg_dict["run_dir"])
     ctx = ray.train.get_context()
