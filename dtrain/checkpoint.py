@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dtrain import storage
 from dtrain.config import Config, ConfigError, from_yaml, to_yaml
 
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, DEEPSPEED_DIR = "config.yaml", "model.safetensors", "meta.json", "deepspeed"
@@ -54,13 +55,20 @@ def is_complete(d: Path) -> bool:
 
 def resolve(path: str | Path) -> Path:
     """An exported .safetensors file, a checkpoint directory, or a run directory -> its newest
-    complete checkpoint."""
+    complete checkpoint; where Ray Train keeps a snapshot of the run's checkpoints, only a registered
+    one (every rank's upload done). A URI (s3://...) is fetched into a local cache first."""
+    if storage.is_uri(path):
+        return storage.fetch_checkpoint(str(path))
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no such checkpoint or run directory: {p}")
     if p.is_file() or is_complete(p):
         return p
     found = sorted(c for c in p.glob("checkpoint_*") if is_complete(c))
+    snapshot = p / storage.SNAPSHOT
+    if snapshot.is_file():
+        registered = set(storage.registered_checkpoints(str(p.resolve())) or [])
+        found = [c for c in found if c.name in registered]
     if not found:
         raise CheckpointError(f"{p} holds no complete checkpoint (needs {CONFIG_FILE}, {WEIGHTS_FILE}, {META_FILE})")
     return found[-1]

@@ -12,6 +12,21 @@ from dtrain.data.shards import DataError
 from dtrain.diffusion.samplers import SAMPLERS as SAMPLER_NAMES
 
 
+class CheckpointArg(click.ParamType):
+    """A local checkpoint, run directory or exported file that exists, or an object-store URI."""
+    name = "checkpoint"
+
+    def convert(self, value, param, ctx):
+        from dtrain.storage import is_uri
+
+        if is_uri(value) or Path(value).exists():
+            return value
+        self.fail(f"'{value}': no such file or directory", param, ctx)
+
+
+CHECKPOINT = CheckpointArg()
+
+
 class UserError(click.ClickException):
     """Bad input from the user: one clear line, exit code 2, no traceback."""
     exit_code = 2
@@ -158,7 +173,7 @@ def pipeline(pipeline_file, overrides, no_eval):
 
 
 @main.command()
-@click.argument("teacher", type=click.Path(exists=True))
+@click.argument("teacher", type=CHECKPOINT)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the pair shards.")
 @click.option("--count", default=2048, show_default=True, help="Pairs in all (a multiple of --per-shard).")
 @click.option("--per-shard", default=256, show_default=True, help="Pairs per shard: one Ray task each.")
@@ -225,7 +240,7 @@ def _load(checkpoint):
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("checkpoint", type=CHECKPOINT)
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--classes", default=None, help="Comma-separated class labels (default: all).")
 @click.option("--per-class", default=None, type=int, help="Samples per class (default: sample.per_class).")
@@ -277,7 +292,7 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 @main.command("eval")
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("checkpoint", type=CHECKPOINT)
 @click.option("--steps", "steps_list", default="1,2,4,8,16,50", show_default=True,
               help="Comma-separated step counts (Euler/DDIM NFE = steps, Heun 2 steps - 1; doubled with guidance).")
 @click.option("--samplers", default="euler", show_default=True, help=f"Comma-separated samplers: {', '.join(SAMPLER_NAMES)}.")
@@ -350,7 +365,7 @@ def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, val_shards, gu
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("checkpoint", type=CHECKPOINT)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
 def export(checkpoint, out):
     """Fold CHECKPOINT (EMA weights, config, meta) into one .safetensors file for inference."""
@@ -429,7 +444,7 @@ def bench_zero(as_json, stages, workers, precision, steps, overrides):
 
 
 @bench.command("serve")
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("checkpoint", type=CHECKPOINT)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--steps", default=4, show_default=True, help="Sampler steps per request (one image each).")
 @click.option("--seconds", default=6.0, show_default=True, help="Length of each load phase.")
@@ -445,14 +460,16 @@ def bench_serve(checkpoint, as_json, steps, seconds, concurrency, baseline, max_
     from dtrain.runtime import ensure_ray
 
     ensure_ray(num_cpus=1 + max_replicas, log_to_driver=not as_json)  # logical CPUs for the replicas
-    rows, summary = run(str(Path(checkpoint).resolve()), steps=steps, seconds=seconds,
+    from dtrain.storage import is_uri
+
+    rows, summary = run(checkpoint if is_uri(checkpoint) else str(Path(checkpoint).resolve()), steps=steps, seconds=seconds,
                         concurrencies=_int_list(concurrency, "--concurrency"), baseline=baseline,
                         max_replicas=max_replicas, batch_wait_timeout_s=batch_wait, plot=plot)
     click.echo(emit(rows, as_json, summary))
 
 
 @main.command()
-@click.argument("checkpoint", required=False, type=click.Path(exists=True))
+@click.argument("checkpoint", required=False, type=CHECKPOINT)
 @click.option("--models", "models_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A registry instead of CHECKPOINT: YAML of model name -> {versions: {version: checkpoint}, "
                    "default, canary, fallback}, as under `models:` in serve/digits.yaml.")
@@ -462,7 +479,9 @@ def bench_serve(checkpoint, as_json, steps, seconds, concurrency, baseline, max_
 @click.option("--max-replicas", default=None, type=int, help="Autoscaling's upper bound (default 4).")
 @click.option("--tokens-file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Bearer tokens, one per line (also: $DTRAIN_SERVE_TOKENS, comma-separated); auth is off without.")
-def serve(checkpoint, models_file, host, port, replicas, max_replicas, tokens_file):
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Replicas' precision (auto: the fastest this device runs).")
+def serve(checkpoint, models_file, host, port, replicas, max_replicas, tokens_file, precision):
     """Serve CHECKPOINT (or a registry of --models) over HTTP with Ray Serve until interrupted:
     POST /v1/generate, GET /v1/models, GET /healthz, docs at /docs."""
     from pydantic import ValidationError
@@ -479,7 +498,7 @@ def serve(checkpoint, models_file, host, port, replicas, max_replicas, tokens_fi
             models = OmegaConf.to_container(_load_yaml(Path(models_file)))
         scaling = Autoscaling(**({"max_replicas": max_replicas} if max_replicas else {}))
         args = ServeArgs(checkpoint=checkpoint, models=models, num_replicas=replicas, autoscaling=scaling,
-                         auth_tokens_file=tokens_file)
+                         auth_tokens_file=tokens_file, precision=precision)
         run_blocking(args, host=host, port=port)
     except (CheckpointError, ConfigError, ValidationError, FileNotFoundError) as e:
         raise UserError(str(e)) from None

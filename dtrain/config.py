@@ -39,7 +39,7 @@ class DataConfig:
     train_shards: str = "data/digits/train-{000000..000003}.tar"  # WebDataset URL(s), brace syntax
     val_shards: str = "data/digits/val-000000.tar"  # validation shards (class-balanced)
     batch_size: int = 64  # per worker
-    shuffle_buffer: int = 512  # in-memory sample shuffle buffer per worker
+    shuffle_buffer: int = 512  # samples shuffled within each shard (emptied at its end: resume skips by shard counts)
     loader_workers: int = 0  # torch DataLoader processes per Ray worker (0 = in the training process)
     on_corrupt: str = "skip"  # a shard that cannot be read: skip (warn and count) | fail
 

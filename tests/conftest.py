@@ -8,6 +8,38 @@ import pytest
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Object-store tests use a moto S3 server on loopback (s3_bucket). Its address and test credentials
+# go into the environment now, before the session's Ray cluster starts, so its workers inherit them;
+# no test ever talks to a real cloud.
+S3_PORT = _free_port()
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing",
+                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+for _var in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    os.environ.pop(_var, None)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """s3://dtrain-test on moto's S3 server, for the whole session."""
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    pyarrow.fs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir(
+        "dtrain-test")
+    yield "s3://dtrain-test"
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for every real-stack test (train, serve) of the session."""

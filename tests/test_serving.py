@@ -86,7 +86,7 @@ def served(serve_url, versions, tmp_path_factory):
     deploy(ServeArgs(models=_registry(versions, default="ckpt", canary={"version": "v2", "weight": 0.5},
                                        fallback={"version": "v2", "steps": 1, "when_in_flight_over": 0}),
                       num_replicas=2, replica_cpus=0.5, max_batch_images=8, max_images=4, max_queued_requests=16,
-                      retry_after_s=2, auth_tokens_file=str(tokens)), "srv")
+                      retry_after_s=2, auth_tokens_file=str(tokens), precision="fp32"), "srv")  # compared with fp32 renders
     with httpx.Client(base_url=f"{serve_url}/srv", timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
         yield c
     serve.delete("srv")

@@ -5,14 +5,21 @@ A sample is `{__key__, png, cls}`: a PNG image (grayscale or RGB) and an integer
 `{__key__, x.npy, noise.npy, cls, seed}`: a reflow pair, a teacher's sample and the noise it started
 from (written by `dtrain.train.pairs`).
 Reading is deterministic: epoch e shuffles the shard list with (seed, e), rank r takes every
-world-th shard, DataLoader worker w every n-th of those, and the sample buffer is seeded too, so a
-resumed run can skip exactly the batches it already consumed.
+world-th shard, DataLoader worker w every n-th of those. Samples are shuffled within each shard only
+(a buffer of `shuffle_buffer` samples seeded with (seed, e, shard name), emptied at every shard's
+end), then batched across shard boundaries, so where a sample lands depends on its own shard and the
+sample counts of the shards before it, never on their contents. That is what makes resuming cheap:
+a resumed run skips whole epochs and whole shards by arithmetic on per-shard sample counts (tar
+headers, `shard_count`) and drops the first samples of the current shard before they are decoded.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import random
+import re
+import tarfile
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +29,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 
 class DataError(ValueError):
@@ -107,21 +115,158 @@ def decode_sample(sample: dict) -> tuple:
     return x, int(sample["cls"])
 
 
+def shard_count(url: str) -> tuple[int, tuple[Exception, ...]] | None:
+    """(samples, read errors) of one local shard: what `tarfile_to_samples` yields from it. Cached per
+    (path, size, mtime) in this process. None for a remote shard ("://"): counting it would mean
+    downloading it, so a resume over remote shards replays the stream instead (see train_batches)."""
+    if "://" in url:
+        return None
+    st = os.stat(url)
+    key = (os.path.abspath(url), st.st_size, st.st_mtime_ns)
+    if key not in _COUNTS:
+        try:
+            _COUNTS[key] = (_count_headers(url, st.st_size), ())
+        except Exception:  # corrupt, compressed or unusual tar: count what the reader itself gets (no decoding)
+            errors = []  # as text: webdataset's exceptions hold the open file
+            n = sum(1 for _ in wds.tarfile_to_samples(handler=lambda e: errors.append(DataError(str(e))) or True)(
+                [{"url": url}]))
+            _COUNTS[key] = (n, tuple(errors))
+    return _COUNTS[key]
+
+
+_COUNTS: dict[tuple, tuple[int, tuple[Exception, ...]]] = {}
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator drops these names
+
+
+def _count_headers(path: str, size: int) -> int:
+    """Samples in an uncompressed tar from its headers alone, grouped as webdataset groups them: a new
+    sample wherever the key (path up to the basename's first dot) changes. Raises on anything the
+    streaming reader might read differently, so the caller counts by reading instead."""
+    n, key, suffixes = 0, None, set()
+    for name in _regular_members(path, size):
+        if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
+            continue
+        prefix, suffix = base_plus_ext(name)
+        if prefix is None:
+            continue
+        if prefix != key:
+            n, key, suffixes = n + 1, prefix, set()
+        if suffix.lower() in suffixes:
+            raise ValueError(f"{path}: duplicate {name}")  # the reader reports it; let it count too
+        suffixes.add(suffix.lower())
+    return n
+
+
+def _regular_members(path: str, size: int) -> Iterator[str]:
+    """Names of the regular files of a plain tar from its headers (tarfile seeks over member data)."""
+    with tarfile.open(path, "r:") as tar:  # "r:": no compression; a compressed shard is counted by reading
+        for m in tar:
+            if m.sparse is not None or (not m.isfile() and m.size):
+                raise tarfile.ReadError(f"{path}: unusual member {m.name}")
+            if m.isfile():
+                if m.offset_data + m.size > size:
+                    raise tarfile.ReadError(f"{path}: truncated at {m.name}")
+                yield m.name
+
+
+def _shuffled(samples, bufsize: int, rng: random.Random):
+    """Buffer shuffle of one shard's samples: fill `bufsize`, then emit a random buffered sample for
+    each new one; the rest in random order at the end. A buffer larger than the shard shuffles it
+    fully, exactly as a buffer of the shard's size would."""
+    buf = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        k = rng.randrange(bufsize)
+        yield buf[k]
+        buf[k] = s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _rank_shards(shards: list[str], rank: int, world: int, epoch: int, seed: int) -> list[str]:
+    shards = list(shards)
+    random.Random(seed * 100_003 + epoch).shuffle(shards)
+    return shards[rank::world]
+
+
+class EpochDataset(torch.utils.data.IterableDataset):
+    """One epoch of one rank's batches; each DataLoader worker w of n reads shards[w::n] and batches
+    its own samples. `skip_rounds` > 0 (resuming): every worker first drops that many of its batches,
+    whole shards by their counts, then the first samples of the next shard before decoding."""
+
+    def __init__(self, shards, epoch, seed, batch_size, shuffle_buffer, on_corrupt, skip_rounds=0, counts=None):
+        self.shards, self.epoch, self.seed, self.batch_size = shards, epoch, seed, batch_size
+        self.shuffle_buffer, self.on_corrupt = max(1, shuffle_buffer), on_corrupt
+        self.skip_rounds, self.counts = skip_rounds, counts
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards[info.id::info.num_workers] if info else self.shards
+        skip = 0
+        if self.skip_rounds:
+            own = sum(self.counts[u][0] for u in mine) // self.batch_size
+            skip = min(self.skip_rounds, own) * self.batch_size
+        todo = _drops(mine, skip, self.counts, self.on_corrupt)
+        samples = itertools.chain.from_iterable(self._shard(u, drop) for u, drop in todo)
+        return wds.batched(self.batch_size, partial=False)(map(decode_sample, samples))
+
+    def _shard(self, url: str, drop: int):
+        raw = wds.tarfile_to_samples(handler=self.on_corrupt)([{"url": url}])
+        rng = random.Random(f"{self.seed}/{self.epoch}/{os.path.basename(url)}")
+        return itertools.islice(_shuffled(raw, self.shuffle_buffer, rng), drop, None)  # raw: dropped undecoded
+
+
+def _drops(urls: list[str], skip: int, counts, on_corrupt):
+    """(url, samples to drop from its shuffled stream) for the shards still to read after skipping
+    `skip` samples; wholly skipped shards are not opened, their read errors are reported as a replay would."""
+    for u in urls:
+        if skip and skip >= counts[u][0]:
+            skip -= counts[u][0]
+            for e in counts[u][1]:
+                on_corrupt(e)
+            continue
+        yield u, skip
+        skip = 0
+
+
 def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch_size: int,
-                  shuffle_buffer: int, on_corrupt: CorruptShards | None = None) -> wds.DataPipeline:
+                  shuffle_buffer: int, on_corrupt: CorruptShards | None = None, skip_rounds: int = 0,
+                  counts: dict | None = None) -> EpochDataset:
     """One epoch of this rank's batches. Corrupt tar data goes to `on_corrupt` (default: skip and warn)."""
     shards = expand_urls(urls)
     if len(shards) < world:
         raise DataError(f"{len(shards)} shard(s) for {world} workers: every worker needs one; write more shards")
-    random.Random(seed * 100_003 + epoch).shuffle(shards)
-    return wds.DataPipeline(
-        wds.SimpleShardList(shards[rank::world]),
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=on_corrupt or CorruptShards()),
-        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}/{epoch}/{rank}")),
-        wds.map(decode_sample),
-        wds.batched(batch_size, partial=False),
-    )
+    return EpochDataset(_rank_shards(shards, rank, world, epoch, seed), epoch, seed, batch_size, shuffle_buffer,
+                        on_corrupt or CorruptShards(), skip_rounds, counts)
+
+
+def _skip_position(shards, rank, world, seed, batch_size, workers, skip, on_corrupt):
+    """Where `skip` batches of this rank end: (epoch, whole rounds of worker batches every worker drops
+    in it, batches left to drop from the loader, shard counts), or None when a shard cannot be counted.
+    A DataLoader yields its workers' batches round-robin, in order, leaving out exhausted workers, so
+    round j holds batch j of every worker that has more than j batches this epoch."""
+    if any("://" in u for u in shards):
+        return None
+    counts, epoch = {}, 0
+    while True:
+        mine = _rank_shards(shards, rank, world, epoch, seed)
+        counts.update((u, shard_count(u)) for u in mine if u not in counts)  # only the shards it passes
+        per_worker = [sum(counts[u][0] for u in mine[w::workers]) // batch_size for w in range(workers)]
+        if sum(per_worker) == 0:
+            raise DataError(f"rank {rank} gets no full batch of {batch_size} from its shards in epoch {epoch}")
+        if skip < sum(per_worker):
+            break
+        skip -= sum(per_worker)  # a whole epoch, by arithmetic
+        for u in mine:
+            for e in counts[u][1]:
+                on_corrupt(e)
+        epoch += 1
+    rounds = 0
+    while skip >= (active := sum(b > rounds for b in per_worker)):
+        skip, rounds = skip - active, rounds + 1
+    return epoch, rounds, skip, counts
 
 
 def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, shuffle_buffer: int,
@@ -129,20 +274,28 @@ def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, 
                   on_corrupt: CorruptShards | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless stream of (x [B, C, H, W], labels [B]) for this rank, epoch after epoch: images in
     [-1, 1], or latents as stored; pair shards add their noise (x, labels, noise [B, C, H, W]).
-    `skip` batches are dropped first: that is how a resumed run continues where it stopped."""
-    epoch, seen = 0, 0
+    `skip` batches are dropped first: that is how a resumed run continues where it stopped. Local shards
+    are skipped by their sample counts, without decoding; remote ones are replayed batch by batch."""
+    on_corrupt = on_corrupt or CorruptShards()
+    epoch, rounds, drop, counts = 0, 0, skip, None
+    shards = expand_urls(urls)
+    if skip and len(shards) >= world:  # too few shards: epoch_dataset says so below
+        pos = _skip_position(shards, rank, world, seed, batch_size, max(1, loader_workers), skip, on_corrupt)
+        if pos is not None:  # None (remote shards): replay, reading and decoding every skipped batch
+            epoch, rounds, drop, counts = pos
     while True:
-        ds = epoch_dataset(urls, rank, world, epoch, seed, batch_size, shuffle_buffer, on_corrupt)
+        ds = epoch_dataset(urls, rank, world, epoch, seed, batch_size, shuffle_buffer, on_corrupt, rounds, counts)
         loader = wds.WebLoader(ds, batch_size=None, num_workers=loader_workers) if loader_workers else ds
         produced = 0
         for x, y, *rest in loader:
             produced += 1
-            seen += 1
-            if seen > skip:
-                yield x, torch.as_tensor(y), *rest
-        if produced == 0:
+            if drop:  # replay, or the < loader_workers batches of a partly skipped round
+                drop -= 1
+                continue
+            yield x, torch.as_tensor(y), *rest
+        if produced == 0 and not rounds:
             raise DataError(f"rank {rank} got no full batch of {batch_size} from {urls} in epoch {epoch}")
-        epoch += 1
+        epoch, rounds = epoch + 1, 0
 
 
 def load_images(urls: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -205,7 +205,7 @@ def build_app(args: ServeArgs):
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(args.replica_gpus)},
         max_ongoing_requests=busy, max_queued_requests=args.max_queued_requests,
         user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
-    ).bind(checkpoints, next(iter(checkpoints)))  # health probes: the first version, so a new default
+    ).bind(checkpoints, next(iter(checkpoints)), args.precision)  # health probes: the first version, so a new default
     # version changes only the ingress's arguments and Serve replaces only the ingress
     # Serve's default of 5 requests per ingress would cap a batch at 5 images: admit every request
     # the samplers could hold, queue a bounded number more, refuse the rest with 503.

@@ -4,10 +4,11 @@ or by `dtrain serve` flags. Nothing here is read from the training config; what 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dtrain import storage
 from dtrain.checkpoint import resolve
 
 
@@ -85,6 +86,8 @@ class ServeArgs(_Strict):
     max_queued_requests: int = Field(64, ge=1, description="requests waiting for a sampler beyond which 503 is answered")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of an overload answer")
     request_timeout_s: float = Field(60.0, gt=0, description="a request still unanswered after this gets 503")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="replicas' precision; auto: the fastest this device runs (bf16 with AMX or on GPU)")
     max_steps: int = Field(100, ge=1, description="largest steps a request may ask for")
     max_images: int = Field(16, ge=1, description="largest num_images a request may ask for")
     auth_tokens_file: Optional[str] = Field(None, description="file of bearer tokens, one per line; auth off if no tokens")
@@ -105,14 +108,20 @@ class ServeArgs(_Strict):
         of one model (its run's name) with one version (the checkpoint's name)."""
         models = self.models or {}
         if self.checkpoint is not None:
-            ckpt = resolve(_existing(self.checkpoint))
-            name = ckpt.parent.name if ckpt.is_dir() else ckpt.stem
-            models = {name: ModelSpec(versions={ckpt.name: str(ckpt)})}
-        models = {name: spec.model_copy(update={"versions": {v: str(resolve(_existing(p)))
-                                                                 for v, p in spec.versions.items()}})
+            ckpt = _pinned(self.checkpoint)
+            run, version = ckpt.rstrip("/").rsplit("/", 2)[-2:]
+            name = run if not version.endswith(".safetensors") else version.removesuffix(".safetensors")
+            models = {name: ModelSpec(versions={version: ckpt})}
+        models = {name: spec.model_copy(update={"versions": {v: _pinned(p) for v, p in spec.versions.items()}})
                   for name, spec in models.items()}
         tokens = self.auth_tokens_file and str(Path(self.auth_tokens_file).expanduser().resolve())
         return self.model_copy(update={"checkpoint": None, "models": models, "auth_tokens_file": tokens})
+
+
+def _pinned(path: str) -> str:
+    """A version's checkpoint as the replicas will load it: an absolute local path of the newest complete
+    checkpoint, or the URI of the newest registered one (each replica fetches it)."""
+    return storage.checkpoint_uri(path) if storage.is_uri(path) else str(resolve(_existing(path)))
 
 
 def _existing(path: str) -> Path:

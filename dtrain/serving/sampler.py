@@ -57,8 +57,9 @@ class Sampler:
     request to a replica that already holds its version, and a replica keeps the last
     MODELS_PER_REPLICA versions it used."""
 
-    def __init__(self, checkpoints: dict[str, str], default_model: str):
+    def __init__(self, checkpoints: dict[str, str], default_model: str, precision: str = "auto"):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = precision
         self.threads = pin_threads()  # the replica's num_cpus, not every core of the node
         self.checkpoints, self.default_model = checkpoints, default_model
         self.metrics = SamplerMetrics(default_model)
@@ -85,7 +86,7 @@ class Sampler:
             raise KeyError(f"unknown model {model_id!r}")
         net, cfg = load_model(self.checkpoints[model_id])
         meta = read_meta(self.checkpoints[model_id])
-        choice = choose("auto", self.device)
+        choice = choose(self.precision, self.device)
         net.to(device=self.device, dtype=DTYPES[choice.precision])  # once, so render() never copies per batch
         logger.info(f"sampler: {model_id} ({self.checkpoints[model_id]}) on {self.device}, images "
                     f"{image_shape(cfg, meta)}, precision {choice.precision} ({choice.reason}), {self.threads} thread(s)")

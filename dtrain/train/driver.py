@@ -19,6 +19,7 @@ from dtrain.config import Config, to_yaml
 from dtrain.data.latents import latents_meta
 from dtrain.data.shards import absolute_urls, expand_urls
 from dtrain.runtime import ensure_ray
+from dtrain.storage import is_uri, local_run_dir
 from dtrain.train.control import clear_stop, request_stop, stop_requested
 from dtrain.train.deepspeed_glue import deepspeed_config, prebuild_cpu_ops
 from dtrain.train.loop import train_func
@@ -33,7 +34,15 @@ class Interrupted(Exception):
 
 
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.train.storage_path).resolve() / cfg.train.run_name
+    """The run's local directory: metrics.jsonl, W&B files, the stop request, and its checkpoints
+    unless train.storage_path is a URI (then they go to the object store)."""
+    return local_run_dir(cfg.train.storage_path, cfg.train.run_name)
+
+
+def storage_root(cfg: Config) -> str:
+    """Where Ray Train writes the run's checkpoints: the URI, or the absolute storage directory."""
+    s = cfg.train.storage_path
+    return s.rstrip("/") if is_uri(s) else str(Path(s).resolve())
 
 
 @contextmanager
@@ -87,9 +96,10 @@ class LocalTorchTrainer(TorchTrainer):
         return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
-def fit(cfg: Config) -> Path:
+def fit(cfg: Config) -> Path | str:
     """Train (or resume: the same run_name continues from its latest checkpoint); returns the final
-    checkpoint directory. Raises Interrupted when a signal stopped the run after a checkpoint."""
+    checkpoint directory (its URI where train.storage_path is one). Raises Interrupted when a signal
+    stopped the run after a checkpoint."""
     s = cfg.scaling
     deepspeed_config(cfg, s.num_workers)  # config errors here, not in a worker
     cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute_urls(cfg.data.train_shards),
@@ -111,7 +121,7 @@ def fit(cfg: Config) -> Path:
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.train.run_name, storage_path=str(out.parent),
+        run_config=RunConfig(name=cfg.train.run_name, storage_path=storage_root(cfg),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
@@ -119,7 +129,8 @@ def fit(cfg: Config) -> Path:
         result = _fit_off_main_thread(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.train.run_name} finished without a checkpoint")
-    final = Path(result.checkpoint.path)
+    final = f"{storage_root(cfg)}/{cfg.train.run_name}/{Path(result.checkpoint.path).name}" \
+        if is_uri(cfg.train.storage_path) else Path(result.checkpoint.path)
     name = stop_requested(out)
     if name:
         clear_stop(out)

@@ -7,6 +7,7 @@ and the lineage its checkpoints record; EMA, tracking and checkpoints sit around
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -27,6 +28,7 @@ from dtrain.models import build_model, count_params
 from dtrain.precision import Choice, choose
 from dtrain.runtime import pin_threads
 from dtrain.secrets import unseal_into_environ
+from dtrain.storage import is_uri
 from dtrain.tracking import make_tracker
 from dtrain.train.control import StepControl
 from dtrain.train.deepspeed_glue import wrap_deepspeed
@@ -101,6 +103,7 @@ def train_func(cfg_dict: dict) -> None:
               f"{threads} thread(s), ZeRO-{t.zero_stage}, {precision.precision}, stage {stage.name}, steps {start}->{t.steps}", flush=True)
         print(f"[dtrain] precision {precision.precision}: {precision.reason}", flush=True)
 
+    upload = ray.train.CheckpointUploadMode.ASYNC if is_uri(t.storage_path) else ray.train.CheckpointUploadMode.SYNC
     corrupt = CorruptShards(fail=cfg.data.on_corrupt == "fail")
     # skip as many samples as were consumed, counted in batches at this run's worker count
     batches = stage.batches(cfg, rank, world, samples_seen // (cfg.data.batch_size * world), corrupt)
@@ -149,7 +152,11 @@ def train_func(cfg_dict: dict) -> None:
 
         if done % t.ckpt_every == 0 or done == t.steps or stop or clock_due:
             weights = ema.full_state_dict()  # a collective where the EMA is sharded (ZeRO-3; ZeRO-1/2 in bf16)
-            with tempfile.TemporaryDirectory() as tmp:
+            # Written locally, then Ray Train copies it to storage and deletes it; to an object store the
+            # upload runs in the background while training goes on. Ray registers the checkpoint only
+            # once every rank's upload finished: a partial one is never resumed from or loaded.
+            tmp = tempfile.mkdtemp(prefix="dtrain-ckpt-")
+            try:
                 engine.save_checkpoint(str(Path(tmp) / ckpt_io.DEEPSPEED_DIR), tag=ckpt_io.DEEPSPEED_TAG,
                                       client_state={"step": done, "samples_seen": samples_seen})
                 if drill_step and done == drill_step and t.fault_drill_in_save:
@@ -165,7 +172,11 @@ def train_func(cfg_dict: dict) -> None:
                         on_cpu = "fp32" if precision.precision == "fp16" else precision.precision  # drawn on the CPU
                         tracker.log_image("samples", grid_from_weights(weights, cfg, meta, precision=on_cpu), done)
                 ray.train.report({"step": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{done:08d}")
+                                 checkpoint_dir_name=f"checkpoint_{done:08d}", checkpoint_upload_mode=upload,
+                                 delete_local_checkpoint_after_upload=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             control.saved()
             window_start = time.perf_counter()  # checkpoint time is not training throughput
         if stop:

@@ -17,8 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dtrain import checkpoint as ckpt_io
-from dtrain.config import PipelineConfig, stage_config
+from dtrain.config import ConfigError, PipelineConfig, stage_config
 from dtrain.runtime import ensure_ray
+from dtrain.storage import is_uri
 from dtrain.train.pairs import generate_pairs, shard_urls
 
 
@@ -43,6 +44,9 @@ def run_pipeline(p: PipelineConfig) -> dict:
     from dtrain.train.driver import fit
 
     base = stage_config(p, p.stages[0])
+    if is_uri(base.train.storage_path):
+        raise ConfigError(f"train.storage_path={base.train.storage_path}: a pipeline keeps its state and reflow "
+                          "pairs on a filesystem path (local or shared); object-store URIs work for `dtrain train`")
     storage, path = Path(base.train.storage_path).resolve(), state_path(p)
     storage.mkdir(parents=True, exist_ok=True)
     state = read_state(p)

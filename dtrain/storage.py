@@ -1,0 +1,122 @@
+"""Runs on object storage: `train.storage_path` may be a URI (s3://, gs://, anything pyarrow opens),
+the filesystems Ray Train itself uploads checkpoints through. Credentials and endpoints come from the
+environment as pyarrow reads them (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
+GOOGLE_APPLICATION_CREDENTIALS, ...).
+
+A checkpoint counts once Ray Train registered it in the run's `checkpoint_manager_snapshot.json`,
+which it writes only after every rank reported, so after every rank's upload: `resolve` never picks
+a checkpoint still being uploaded, or one whose upload died. Readers fetch a remote checkpoint's
+inference files (config, weights, meta) once into a local cache and load them from there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
+INFERENCE_FILES = ("config.yaml", "model.safetensors", "meta.json")
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DTRAIN_CACHE") or Path.home() / ".cache" / "dtrain")
+
+
+def local_run_dir(storage_path: str, run_name: str) -> Path:
+    """Where a run keeps what stays on the driver's and rank 0's machine (metrics.jsonl, W&B files, the
+    stop request): the run directory itself for a local storage_path, a cache directory for a URI."""
+    if not is_uri(storage_path):
+        return Path(storage_path).resolve() / run_name
+    return cache_root() / "runs" / hashlib.sha1(storage_path.rstrip("/").encode()).hexdigest()[:12] / run_name
+
+
+def _fs(uri: str):
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except (OSError, ValueError, pyarrow.ArrowException) as e:
+        from dtrain.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{uri}: cannot open its filesystem: {e}") from None
+
+
+def registered_checkpoints(run_uri: str) -> list[str] | None:
+    """The checkpoint directory names Ray Train registered in a run (oldest first), or None where
+    the run has no snapshot (written by hand, or by an older dtrain)."""
+    fs, path = _fs(run_uri)
+    try:
+        with fs.open_input_stream(f"{path.rstrip('/')}/{SNAPSHOT}") as f:
+            snapshot = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    return [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+
+
+def checkpoint_uri(uri: str) -> str:
+    """A remote run (-> its newest registered checkpoint), checkpoint (only a registered one) or exported
+    .safetensors file -> the URI of what to load. This is what a serving registry pins a version to."""
+    from dtrain.checkpoint import CheckpointError
+
+    uri = uri.rstrip("/")
+    if uri.endswith(".safetensors"):
+        return uri
+    run, name = uri.rsplit("/", 1)
+    if name.startswith("checkpoint_"):
+        registered = registered_checkpoints(run)
+        if registered is not None and name not in registered:
+            raise CheckpointError(f"{uri} is not a registered checkpoint of its run (an upload that did not "
+                                  f"finish?); registered: {registered[-3:]}")
+        return uri
+    registered = registered_checkpoints(uri)
+    if not registered:
+        raise CheckpointError(f"{uri} holds no registered checkpoint ({SNAPSHOT} missing or empty)")
+    return f"{uri}/{registered[-1]}"
+
+
+def fetch_checkpoint(uri: str) -> Path:
+    """checkpoint_uri(uri), fetched once into the local cache (keyed by that URI): a local exported file
+    or checkpoint directory of its inference files."""
+    from dtrain.checkpoint import CheckpointError
+
+    uri = checkpoint_uri(uri)
+    fs, path = _fs(uri)
+    if path.endswith(".safetensors"):
+        return _download(fs, {path: Path(path).name}, uri) / Path(path).name
+    files = {f"{path}/{f}": f for f in INFERENCE_FILES}
+    missing = [name for f, name in files.items() if fs.get_file_info(f).type.name == "NotFound"]
+    if missing:
+        raise CheckpointError(f"{uri} lacks {missing}: not a dtrain checkpoint")
+    return _download(fs, files, uri)
+
+
+def _download(fs, files: dict[str, str], uri: str) -> Path:
+    """Remote path -> local name, into the cache directory of `uri`, renamed into place once whole
+    (a reader never sees half a file; of two concurrent fetches, the first rename wins)."""
+    target = cache_root() / "checkpoints" / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    whole = lambda: all((target / name).is_file() for name in files.values())  # noqa: E731
+    if whole():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+    try:
+        for remote, name in files.items():
+            with fs.open_input_stream(remote) as src, open(tmp / name, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=16 << 20)
+        (tmp / "source").write_text(uri)
+        shutil.rmtree(target, ignore_errors=True)  # only ever a leftover missing files (whole() was false)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not whole():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
