@@ -468,6 +468,85 @@ def bench_serve(checkpoint, as_json, steps, seconds, concurrency, baseline, max_
     click.echo(emit(rows, as_json, summary))
 
 
+@bench.command("watermark")
+@click.argument("checkpoints", nargs=-1, required=True, type=CHECKPOINT)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--n", default=200, show_default=True, help="Watermarked and plain images per checkpoint.")
+@click.option("--invert-steps", default=None, type=int, help="Steps of the ODE inversion (default: the checkpoint's sample.steps).")
+@click.option("--no-quality", is_flag=True, help="Skip the FD with and without the watermark.")
+def bench_watermark(checkpoints, as_json, n, invert_steps, no_quality):
+    """Watermark TPR at 1% FPR per checkpoint (stage), clean and under JPEG, crop, resize, rotation, blur
+    and noise, and its image-quality cost (FD with and without)."""
+    from dtrain.bench import emit
+    from dtrain.bench.watermark import run
+
+    rows, summary = run(list(checkpoints), n=n, invert_steps=invert_steps, quality=not no_quality,
+                        log=lambda line: click.echo(line, err=as_json))
+    click.echo(emit(rows, as_json, summary))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--checkpoint", required=True, type=CHECKPOINT, help="The model whose ODE is inverted.")
+@click.option("--key-file", "key_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A watermark key (repeatable; default: the serving key, ~/.config/dtrain/watermark.key).")
+@click.option("--steps", default=None, type=int, help="Steps of the ODE inversion (default: the checkpoint's sample.steps).")
+def detect(images, checkpoint, key_files, steps):
+    """Is each IMAGE watermarked by one of the keys? Inverts CHECKPOINT's ODE to the image's noise and
+    prints a JSON line per image: key_id, score, p_value, watermarked."""
+    import json
+
+    import torch
+
+    from dtrain.checkpoint import read_meta
+    from dtrain.generation import image_shape
+    from dtrain.watermark import WatermarkKey, WatermarkKeyError, decode_for_model, default_key_file, recover_noise
+    from dtrain.watermark import detect as detect_noise
+
+    try:
+        keys = [WatermarkKey.load(f) for f in key_files or [default_key_file()]]
+    except (OSError, WatermarkKeyError) as e:
+        raise UserError(f"no watermark key: {e}") from None
+    net, cfg = _load(checkpoint)
+    shape = image_shape(cfg, read_meta(checkpoint))
+    x = []
+    for i in images:
+        try:
+            x.append(decode_for_model(Path(i).read_bytes(), shape))
+        except ValueError as e:
+            raise UserError(f"{i}: {e}") from None
+    try:
+        found = detect_noise(recover_noise(net, cfg, torch.stack(x), steps), keys)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for path, result in zip(images, found):
+        click.echo(json.dumps({"image": path, **result}))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--trust-anchors", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="PEM CA certificates whose signers count as trusted.")
+def verify(images, trust_anchors):
+    """Check each PNG's signed C2PA manifest: a JSON line per image with valid (unchanged since signing),
+    trusted (signer chains to --trust-anchors), errors and the generation record (model, version, seed...)."""
+    import json
+
+    from dtrain.provenance import ProvenanceError, verify_png
+
+    anchors = Path(trust_anchors).read_text() if trust_anchors else None
+    all_valid = True
+    for path in images:
+        try:
+            found = verify_png(Path(path).read_bytes(), anchors)
+        except ProvenanceError as e:
+            found = {"valid": False, "errors": [{"code": "manifest.unreadable", "explanation": str(e)}]}
+        all_valid &= found["valid"]
+        click.echo(json.dumps({"image": path, **found}))
+    if not all_valid:
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("checkpoint", required=False, type=CHECKPOINT)
 @click.option("--models", "models_file", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -481,14 +560,25 @@ def bench_serve(checkpoint, as_json, steps, seconds, concurrency, baseline, max_
               help="Bearer tokens, one per line (also: $DTRAIN_SERVE_TOKENS, comma-separated); auth is off without.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Replicas' precision (auto: the fastest this device runs).")
-def serve(checkpoint, models_file, host, port, replicas, max_replicas, tokens_file, precision):
+@click.option("--watermark-key-file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Watermark key, 64 hex digits (default: ~/.config/dtrain/watermark.key, created on first use).")
+@click.option("--no-watermark", is_flag=True, help="Serve images without the invisible watermark.")
+@click.option("--provenance-cert-chain", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="PEM certificate chain (signer first) for the C2PA manifests (default: test credentials).")
+@click.option("--provenance-key", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="The signer's unencrypted PEM private key.")
+@click.option("--no-provenance", is_flag=True, help="Serve PNGs without a signed C2PA manifest.")
+def serve(checkpoint, models_file, host, port, replicas, max_replicas, tokens_file, precision, watermark_key_file,
+          no_watermark, provenance_cert_chain, provenance_key, no_provenance):
     """Serve CHECKPOINT (or a registry of --models) over HTTP with Ray Serve until interrupted:
-    POST /v1/generate, GET /v1/models, GET /healthz, docs at /docs."""
+    POST /v1/generate (watermarked images), POST /v1/detect, GET /v1/models, GET /healthz, docs at /docs."""
     from pydantic import ValidationError
 
     from dtrain.config import ConfigError, _load_yaml
+    from dtrain.provenance import ProvenanceError
     from dtrain.serving.app import run_blocking
     from dtrain.serving.config import Autoscaling, ServeArgs
+    from dtrain.watermark import WatermarkKeyError
 
     try:
         models = None
@@ -498,9 +588,11 @@ def serve(checkpoint, models_file, host, port, replicas, max_replicas, tokens_fi
             models = OmegaConf.to_container(_load_yaml(Path(models_file)))
         scaling = Autoscaling(**({"max_replicas": max_replicas} if max_replicas else {}))
         args = ServeArgs(checkpoint=checkpoint, models=models, num_replicas=replicas, autoscaling=scaling,
-                         auth_tokens_file=tokens_file, precision=precision)
+                         auth_tokens_file=tokens_file, precision=precision, watermark=not no_watermark,
+                         watermark_key_file=watermark_key_file, provenance=not no_provenance,
+                         provenance_cert_chain=provenance_cert_chain, provenance_key=provenance_key)
         run_blocking(args, host=host, port=port)
-    except (CheckpointError, ConfigError, ValidationError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ValidationError, FileNotFoundError, WatermarkKeyError, ProvenanceError) as e:
         raise UserError(str(e)) from None
 
 

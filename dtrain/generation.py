@@ -67,13 +67,14 @@ def _in_dtype(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
-          precision: str = "fp32", sampler: str = "euler") -> torch.Tensor:
+          precision: str = "fp32", sampler: str = "euler", watermark=None) -> torch.Tensor:
     """The ODE's end state [B, C, h, w] in the net's own space (latents stay latents), from the noise
     `initial_noise(seeds)`. labels: [B] long class labels; seeds: B ints, one noise generator each, so a
     sample depends on its seed alone and not on how it was batched. `sampler` (euler | heun | ddim) takes
     `steps` steps with classifier-free guidance, `nfe(steps, guidance, sampler)` network calls per image,
     whatever the net predicts (velocity, eps, v, x0: cfg.objective says). The net runs in `precision`
-    (bf16 | fp32 | fp16); the ODE state stays in float32."""
+    (bf16 | fp32 | fp16); the ODE state stays in float32. watermark: a dtrain.watermark.WatermarkKey
+    whose signs the initial noise takes (None: plain noise)."""
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds: one seed per image")
     m, dtype = cfg.model, DTYPES[precision]
@@ -82,7 +83,8 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
     # t stays float32: the timestep embedding computes its sinusoids in float32 itself
     net_fn = lambda x, t, c: run(x.to(dtype), t, c).float()  # noqa: E731
     prediction, path = prediction_and_path(cfg.objective)
-    noise = initial_noise((m.in_channels, m.image_size, m.image_size), seeds).to(device)
+    noise = initial_noise((m.in_channels, m.image_size, m.image_size), seeds)
+    noise = (noise if watermark is None else watermark.shade(noise)).to(device)
     was_training = run.training
     run.eval()  # in train mode the label embedder drops labels at random (CFG training): never when sampling
     try:
@@ -95,11 +97,11 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
 
 
 def render(net: torch.nn.Module, cfg, meta: dict, labels: torch.Tensor, seeds: list[int], steps: int,
-           guidance: float, precision: str = "fp32", sampler: str = "euler") -> torch.Tensor:
+           guidance: float, precision: str = "fp32", sampler: str = "euler", watermark=None) -> torch.Tensor:
     """Class-conditional images [B, C, H, W] in [-1, 1] (C, H, W = image_shape(cfg, meta)): `solve`,
     then decoded through the checkpoint's VAE when it was trained on latents (the VAE in float32)."""
     vae = latent_vae(meta)  # before sampling: a missing VAE fails fast, not after all the steps
-    x = solve(net, cfg, labels, seeds, steps, guidance, precision, sampler)
+    x = solve(net, cfg, labels, seeds, steps, guidance, precision, sampler, watermark)
     if vae is None:
         return x
     lat = meta["latents"]

@@ -18,10 +18,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from dtrain.secrets import SEALED_VAR, SECRET_VARS, cluster_token, seal
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobStatus
 
 
 class SubmitError(RuntimeError):
@@ -61,7 +65,7 @@ def job_runtime_env(root: Path, runtime_env_file: str | None = None, out=sys.std
 
 
 def submit(address: str, config: str, overrides: list[str], working_dir: str = ".", follow: bool = True,
-           out=sys.stdout, command: str = "train", runtime_env_file: str | None = None) -> tuple[str, "JobStatus"]:
+           out=sys.stdout, command: str = "train", runtime_env_file: str | None = None) -> tuple[str, JobStatus]:
     """Submit `dtrain <command> CONFIG OVERRIDES` (train or pipeline), stream the job's logs to `out` until it
     ends, return (job id, final status)."""
     root = Path(working_dir).resolve()

@@ -25,6 +25,26 @@ os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCES
 for _var in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
     os.environ.pop(_var, None)
 
+# Serving watermarks and signs by default with a key and test credentials it creates in the user's
+# home on first use: the tests' deployments use session ones in a temporary directory instead.
+import tempfile  # noqa: E402
+
+_keys = tempfile.mkdtemp(prefix="dtrain-keys-")
+os.environ["DTRAIN_WATERMARK_KEY_FILE"] = os.path.join(_keys, "watermark.key")
+os.environ["DTRAIN_PROVENANCE_DIR"] = os.path.join(_keys, "c2pa-test")
+# A fixed key, so detection on the tests' fixed seeds gives the same answers every run (a random key
+# matches 1% of plain images by chance, by design of the 1% false-positive threshold).
+with open(os.environ["DTRAIN_WATERMARK_KEY_FILE"], "w") as _f:
+    _f.write("# dtrain test watermark key\n" + bytes(range(100, 132)).hex() + "\n")
+
+
+@pytest.fixture(scope="session")
+def watermark_key():
+    """The key every test deployment watermarks with (the serving default, $DTRAIN_WATERMARK_KEY_FILE)."""
+    from dtrain.watermark import key_for_serving
+
+    return key_for_serving(None)
+
 
 @pytest.fixture(scope="session")
 def s3_bucket():
@@ -114,3 +134,17 @@ def tiny_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     shards = write_digits(root / "digits", image_size=8, train_shards=1, val_per_class=10)
     return write_tiny_checkpoint(root / "tiny" / "ckpt", shards["val"][0])
+
+
+@pytest.fixture(scope="session")
+def versions(tiny_checkpoint):
+    """Two versions of the model "tiny": its checkpoint `ckpt`, and `v2` with other weights."""
+    from dtrain.checkpoint import read_config
+
+    v2 = write_tiny_checkpoint(tiny_checkpoint.parent / "v2", read_config(tiny_checkpoint).data.val_shards, seed=1)
+    return {"ckpt": tiny_checkpoint, "v2": v2}
+
+
+def registry(versions: dict, **spec) -> dict:
+    """A serving registry of the model "tiny" with these versions and spec fields (default, canary, ...)."""
+    return {"tiny": {"versions": {v: str(p) for v, p in versions.items()}, **spec}}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.raynodes import VENV_BIN, VethPair, kill_node, node_env, start_node, stop_node, wait_until
+from tests.raynodes import VethPair, kill_node, node_env, start_node, stop_node, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from dtrain.serving.auth import BearerAuth
 from dtrain.serving.config import Autoscaling, ServeArgs
+from tests.conftest import registry
 
 TOKEN = "s3cret-token"
 
@@ -58,21 +59,6 @@ def test_bearer_auth_from_file_and_env(tmp_path, monkeypatch):
 # --- the real stack ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def versions(tiny_checkpoint):
-    """Two versions of the model "tiny": its checkpoint `ckpt`, and `v2` with other weights."""
-    from dtrain.checkpoint import read_config
-
-    from tests.conftest import write_tiny_checkpoint
-
-    v2 = write_tiny_checkpoint(tiny_checkpoint.parent / "v2", read_config(tiny_checkpoint).data.val_shards, seed=1)
-    return {"ckpt": tiny_checkpoint, "v2": v2}
-
-
-def _registry(versions: dict, **spec) -> dict:
-    return {"tiny": {"versions": {v: str(p) for v, p in versions.items()}, **spec}}
-
-
-@pytest.fixture(scope="module")
 def served(serve_url, versions, tmp_path_factory):
     """Two sampler replicas of the model "tiny" (versions ckpt and v2: ckpt by default, half of the
     unversioned requests to v2 as a canary, v2 at one step as the spike fallback) behind token auth,
@@ -83,7 +69,7 @@ def served(serve_url, versions, tmp_path_factory):
 
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text(TOKEN + "\n")
-    deploy(ServeArgs(models=_registry(versions, default="ckpt", canary={"version": "v2", "weight": 0.5},
+    deploy(ServeArgs(models=registry(versions, default="ckpt", canary={"version": "v2", "weight": 0.5},
                                        fallback={"version": "v2", "steps": 1, "when_in_flight_over": 0}),
                       num_replicas=2, replica_cpus=0.5, max_batch_images=8, max_images=4, max_queued_requests=16,
                       retry_after_s=2, auth_tokens_file=str(tokens), precision="fp32"), "srv")  # compared with fp32 renders
@@ -98,19 +84,22 @@ def _pixels(b64: str) -> np.ndarray:
     return np.asarray(img)
 
 
-def _direct(versions: dict, version: str, body: dict) -> np.ndarray:
-    """uint8 images [N, H, W] (PNG layout) of the request sampled in this process from that version's checkpoint."""
+def _direct(versions: dict, version: str, body: dict, watermark="serving") -> np.ndarray:
+    """uint8 images [N, H, W] (PNG layout) of the request sampled in this process from that version's
+    checkpoint, watermarked with the deployments' key (or `watermark`, a key or None)."""
     import torch
 
     from dtrain.checkpoint import load_model, read_meta
     from dtrain.generation import render
     from dtrain.images import to_uint8
+    from dtrain.watermark import key_for_serving
 
     net, cfg = load_model(versions[version])
     seeds = list(range(body.get("seed", 0), body.get("seed", 0) + body.get("num_images", 1)))
     labels = torch.full((len(seeds),), body["class_label"])
     return to_uint8(render(net, cfg, read_meta(versions[version]), labels, seeds, body.get("steps", 4),
-                           body.get("guidance", 2.0), "fp32", body.get("sampler", "euler")))
+                           body.get("guidance", 2.0), "fp32", body.get("sampler", "euler"),
+                           key_for_serving(None) if watermark == "serving" else watermark))
 
 
 def _assert_same_images(answer: dict, expected: np.ndarray) -> None:
@@ -120,7 +109,7 @@ def _assert_same_images(answer: dict, expected: np.ndarray) -> None:
 
 
 @pytest.mark.slow
-def test_mixed_concurrent_requests_match_direct_sampling(served, versions):
+def test_mixed_concurrent_requests_match_direct_sampling(served, versions, watermark_key):
     from dtrain.generation import nfe
 
     bodies = [{"class_label": i % 10, "seed": 100 * i, "num_images": 1 + i % 3, "version": ("ckpt", "v2")[i % 3 == 0],
@@ -135,7 +124,7 @@ def test_mixed_concurrent_requests_match_direct_sampling(served, versions):
         assert (got["model"], got["stage"], got["fallback"]) == ("tiny", "pretrain", False)
         assert got["version"] == body.get("version", got["version"]) and got["version"] in versions
         assert (got["sampler"], got["steps"], got["guidance"]) == (sampler, steps, guidance)
-        assert got["nfe"] == nfe(steps, guidance, sampler)
+        assert got["nfe"] == nfe(steps, guidance, sampler) and got["watermark_key_id"] == watermark_key.key_id
         assert got["seeds"] == list(range(body.get("seed", 0), body.get("seed", 0) + body.get("num_images", 1)))
         _assert_same_images(got, _direct(versions, got["version"], body))
 
@@ -297,7 +286,7 @@ def test_a_new_default_version_deploys_under_traffic_without_losing_a_request(se
     try:
         tokens = tmp_path / "tokens"
         tokens.write_text(TOKEN)
-        deploy(ServeArgs(models=_registry(versions, default="v2"), num_replicas=2, replica_cpus=0.5,
+        deploy(ServeArgs(models=registry(versions, default="v2"), num_replicas=2, replica_cpus=0.5,
                          max_batch_images=8, max_images=4, auth_tokens_file=str(tokens)), "srv")
         time.sleep(1.0)
     finally:

@@ -59,12 +59,16 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor) -> torch.
     """Deterministic DDIM (Song, Meng & Ermon 2021, Eq. 12 with eta = 0) over ts on denoiser.path:
         x_next = alpha(t_next) x_hat + sigma(t_next) eps_hat,
     one call per step. On the linear path this is Euler's step exactly."""
-    path = denoiser.path
     for t, t_next in zip(ts[:-1], ts[1:]):
-        x_hat, eps_hat = denoiser.x_eps(x, t.expand(x.shape[0]).to(x))  # each [B, ...]
-        t_next = t_next.to(x)
-        x = path.alpha(t_next) * x_hat + path.sigma(t_next) * eps_hat
+        x = ddim_step(denoiser, x, t, t_next)
     return x
+
+
+def ddim_step(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step of x [B, ...] from time t to t_next (scalars)."""
+    x_hat, eps_hat = denoiser.x_eps(x, t.expand(x.shape[0]).to(x))  # each [B, ...]
+    t_next = t_next.to(x)
+    return denoiser.path.alpha(t_next) * x_hat + denoiser.path.sigma(t_next) * eps_hat
 
 
 @torch.no_grad()
@@ -103,6 +107,25 @@ def sample(sampler: str, denoiser: Denoiser, x: torch.Tensor, steps: int, shift:
     if sampler == "consistency":
         return sample_consistency(denoiser, x, ts, renoise or (lambda k: torch.randn_like(x)))
     return (sample_euler if sampler == "euler" else sample_heun)(denoiser.velocity, x, ts)
+
+
+@torch.no_grad()
+def invert(denoiser: Denoiser, x: torch.Tensor, steps: int, shift: float = 1.0, refine: int = 2) -> torch.Tensor:
+    """The noise at path.t_min that `steps` deterministic DDIM steps (Euler's, on the linear path) carry
+    to the data x [B, ...]. Each step back starts from plain DDIM inversion (the step taken with the
+    noise estimate at its known, data-side end) and is refined `refine` times by the residual of the
+    forward step, x <- x - (step(x) - x_known), so that it inverts the sampler's step rather than
+    approximating it (converges while the step is close to the identity, as small steps are).
+    (1 + refine) * steps calls."""
+    path = denoiser.path
+    ts = sampling_times(path, steps, shift).flip(0).to(x.device)  # 1 (data) down to t_min (noise)
+    for t_data, t in zip(ts[:-1], ts[1:]):
+        known = x
+        eps = denoiser.x_eps(known, t_data.expand(x.shape[0]))[1]
+        x = path.alpha(t) * (known - path.sigma(t_data) * eps) / path.alpha(t_data) + path.sigma(t) * eps
+        for _ in range(refine):
+            x = x - (ddim_step(denoiser, x, t, t_data) - known)
+    return x
 
 
 def guided(net, cond: torch.Tensor, scale: float, null_label: int) -> VelocityFn:

@@ -73,7 +73,7 @@ def straightness(path: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
 
 
 def generate_for_eval(net: nn.Module, cfg, meta: dict, labels: torch.Tensor, seeds: list[int], steps: int,
-                      guidance: float, sampler: str = "euler") -> tuple[torch.Tensor, torch.Tensor | None]:
+                      guidance: float, sampler: str = "euler", watermark=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images [B, C, H, W] in about [-1, 1], straightness [B], None for other samplers than Euler)
     from `render` in fp32.
 
@@ -83,9 +83,9 @@ def generate_for_eval(net: nn.Module, cfg, meta: dict, labels: torch.Tensor, see
         raise ValueError("straightness needs the ODE's final state, which render decodes for a latent checkpoint: "
                          "evaluate a pixel-space checkpoint")
     if sampler != "euler":
-        return render(net, cfg, meta, labels, seeds, steps, guidance, "fp32", sampler), None
+        return render(net, cfg, meta, labels, seeds, steps, guidance, "fp32", sampler, watermark), None
     probe = _StateProbe(net, len(labels))
-    x = render(probe, cfg, meta, labels, seeds, steps, guidance, "fp32")
+    x = render(probe, cfg, meta, labels, seeds, steps, guidance, "fp32", watermark=watermark)
     times = torch.tensor(probe.times + [1.0], dtype=torch.float64)
     if len(probe.states) != steps or probe.times[0] != 0.0 or not (times.diff() > 0).all():
         raise RuntimeError(f"render made {len(probe.states)} network calls at t={probe.times} for {steps} steps: "
@@ -120,7 +120,7 @@ def evaluate_checkpoint(ckpt: str | Path, steps_list=DEFAULT_STEPS, samples_per_
                         val_shards: str | None = None, seed: int = 0, guidance: float | None = None,
                         feature_net: str | FeatureNet = "digits", classifier: DigitsClassifier | None = None,
                         batch_size: int = 500, log: Callable[[str], None] | None = None,
-                        samplers=("euler",), use_ray: bool | None = None) -> dict:
+                        samplers=("euler",), use_ray: bool | None = None, watermark=None) -> dict:
     """FD, class accuracy and straightness for each sampler in `samplers` and step count in `steps_list`
     (module docstring). Sampling runs as Ray tasks over the cluster (one per chunk of `batch_size`
     images) when Ray is initialised, in this process otherwise (`use_ray` forces either); the chunks
@@ -131,6 +131,7 @@ def evaluate_checkpoint(ckpt: str | Path, steps_list=DEFAULT_STEPS, samples_per_
     (default: the checkpoint's cfg.data.val_shards). guidance: CFG scale (default: cfg.sample.guidance).
     feature_net: a FeatureNet or a registry name ("digits", "inception") for the FD features;
     classifier: the digits classifier for class accuracy (default: the cached one for this size).
+    watermark: a dtrain.watermark.WatermarkKey the samples are made with (its quality cost).
     Returns a JSON-ready dict: reference figures and `rows` (one per step count)."""
     (_, cfg), meta = _cached_model(str(resolve(ckpt)))  # the chunks sampled in this process reuse it
     m = cfg.model
@@ -169,7 +170,7 @@ def evaluate_checkpoint(ckpt: str | Path, steps_list=DEFAULT_STEPS, samples_per_
     labels, seeds = eval_batch(m.num_classes, spc, seed)
     rows = [(sampler, steps) for sampler in samplers for steps in steps_list]
     chunks = [(sampler, steps, i) for sampler, steps in rows for i in range(0, len(labels), batch_size)]
-    args = [(str(resolve(ckpt)), labels[i:i + batch_size], seeds[i:i + batch_size], steps, g, sampler)
+    args = [(str(resolve(ckpt)), labels[i:i + batch_size], seeds[i:i + batch_size], steps, g, sampler, watermark)
             for sampler, steps, i in chunks]
     start = time.perf_counter()
     if ray.is_initialized() if use_ray is None else use_ray:
@@ -199,10 +200,11 @@ def _cached_model(ckpt: str):
     return load_model(ckpt), read_meta(ckpt)  # once per process: a Ray worker runs many chunks
 
 
-def _eval_chunk(ckpt: str, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float, sampler: str):
+def _eval_chunk(ckpt: str, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float, sampler: str,
+                watermark=None):
     """One chunk of evaluation samples (a Ray task, or a plain call without Ray)."""
     (net, cfg), meta = _cached_model(ckpt)
-    return generate_for_eval(net, cfg, meta, labels, seeds, steps, guidance, sampler)
+    return generate_for_eval(net, cfg, meta, labels, seeds, steps, guidance, sampler, watermark)
 
 
 def _opt(v: float | None) -> str:

@@ -1,7 +1,9 @@
 """Ray Serve app: a FastAPI ingress in front of an autoscaling, batching sampler deployment.
 
     POST /v1/generate  {model, version, allow_fallback, class_label, seed, num_images, sampler, steps,
-                        guidance} -> PNG images (base64)
+                        guidance} -> PNG images (base64), watermarked with the deployment's key and
+                        signed with a C2PA manifest of how each was made
+    POST /v1/detect    {image, model, version, steps} -> is the image watermarked with that key
     GET  /v1/models    the registered models and versions: stage, lineage, default sampler and steps
     GET  /healthz      a real one-step sample on a sampler replica
     GET  /docs         Swagger UI, served from a package (works offline)
@@ -9,18 +11,22 @@
 Deploy with `dtrain serve CHECKPOINT` (or `--models FILE`), or `serve run serve/digits.yaml` (import
 path dtrain.serving.app:build_app, typed arguments dtrain.serving.config.ServeArgs). A replica needs
 only the checkpoints: no Ray Train, no DeepSpeed. Overload is answered with 503 and Retry-After, never a
-500; every invalid body gets a 422 naming the field.
+500; every invalid body gets a 422 naming the field. The input policy (`deny_classes`) refuses a request
+with 400 and a reason code before any compute; an optional response cache answers a repeated request
+(same version, parameters and seeds) with the same bytes, marked `X-Cache: hit`.
 """
 # No `from __future__ import annotations` here: FastAPI must see the real request types.
 import asyncio
 import base64
+import binascii
 import json
 import logging
 import random
 import time
 from typing import Any, Optional
 
-from fastapi import FastAPI, HTTPException, Request, Security
+from cachetools import TTLCache
+from fastapi import FastAPI, HTTPException, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -33,12 +39,14 @@ from ray.serve.handle import DeploymentHandle
 from dtrain.checkpoint import read_config, read_meta
 from dtrain.generation import nfe
 from dtrain.images import png_bytes
+from dtrain.provenance import ProvenanceSigner, signer_for_serving
 from dtrain.serving.auth import BearerAuth
 from dtrain.serving.config import ServeArgs
 from dtrain.serving.docs import serve_docs_offline
 from dtrain.serving.metrics import IngressMetrics
 from dtrain.serving.sampler import Job, Sampler, replica_gpus
-from dtrain.serving.schemas import GenerateRequest, GenerateResponse, Health
+from dtrain.serving.schemas import DetectRequest, DetectResponse, GenerateRequest, GenerateResponse, Health
+from dtrain.watermark import decode_for_model, key_for_serving
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,14 +77,18 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> SafeJS
 @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=60)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, sampler: DeploymentHandle, catalog: dict, args: ServeArgs):
+    def __init__(self, sampler: DeploymentHandle, catalog: dict, args: ServeArgs, watermark_key_id: Optional[str],
+                 signer: Optional[ProvenanceSigner] = None):
         self.sampler, self.catalog, self.args = sampler, catalog, args
+        self.key_id, self.signer = watermark_key_id, signer
         self.specs = args.models  # resolved: name -> ModelSpec
         self.auth = BearerAuth(args.auth_tokens_file, args.auth_tokens_env)
         self.metrics = IngressMetrics(next(iter(catalog)))
         self.in_flight = 0
+        self.cache = TTLCache(args.cache_entries, args.cache_ttl_s) if args.cache_entries else None
         app.state.metrics = self.metrics
-        logger.info(f"ingress for {sorted(catalog)}: auth {'on' if self.auth.enabled else 'off'}")
+        logger.info(f"ingress for {sorted(catalog)}: auth {'on' if self.auth.enabled else 'off'}, "
+                    f"watermark {self.key_id or 'off'}, provenance {'signed' if signer else 'off'}")
 
     def _refuse(self, status: int, reason: str, detail: Any, headers: Optional[dict] = None) -> HTTPException:
         self.metrics.refusals.inc(tags={"reason": reason})
@@ -142,19 +154,31 @@ class Ingress:
                             "versions": list(versions.values())} for name, versions in self.catalog.items()]}
 
     @app.post("/v1/generate", response_model=GenerateResponse,
-              responses={401: {"description": "Missing or unknown bearer token"},
+              responses={400: {"description": "Refused by the input policy: detail.code says why"},
+                         401: {"description": "Missing or unknown bearer token"},
                          503: {"description": "Overloaded or timed out: retry after Retry-After seconds"}})
-    async def generate(self, req: GenerateRequest,
+    async def generate(self, req: GenerateRequest, response: Response,
                        creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> GenerateResponse:
         started = time.perf_counter()
         self._authorize(creds)
+        self._check_policy(req)
         self.in_flight += 1  # this request included: what the spike fallback's threshold counts
         try:
-            return await self._generate(req, started)
+            return await self._generate(req, response, started)
         finally:
             self.in_flight -= 1
 
-    async def _generate(self, req: GenerateRequest, started: float) -> GenerateResponse:
+    def _check_policy(self, req: GenerateRequest) -> None:
+        """The input policy, before routing or any compute: a denied class is refused with 400 and a
+        reason code, counted, and logged with what was refused only (never the token or the body)."""
+        name = req.model or next(iter(self.specs))
+        denied = {*self.args.deny_classes.get("*", ()), *self.args.deny_classes.get(name, ())}
+        if req.class_label in denied:
+            logger.info(f"refused: model {name!r}, class {req.class_label}: denied_class")
+            raise self._refuse(400, "denied_class", {"code": "denied_class",
+                                                     "message": f"class {req.class_label} of {name} is not served"})
+
+    async def _generate(self, req: GenerateRequest, response: Response, started: float) -> GenerateResponse:
         name, version, fallback = self._route(req)
         info, a = self.catalog[name][version], self.args
         d = info["defaults"]
@@ -167,16 +191,72 @@ class Ingress:
             if not ok:
                 raise self._invalid(field, msg)
         seeds = tuple(range(req.seed, req.seed + req.num_images))
+        # everything the bytes depend on: the version's checkpoint and every generation parameter
+        key = (self.args.models[name].versions[version], fallback, req.class_label, seeds, sampler, steps, guidance,
+               self.key_id)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            self.metrics.cache.inc(tags={"result": "miss" if hit is None else "hit"})
+            response.headers["X-Cache"] = "miss" if hit is None else "hit"
+            if hit is not None:
+                return hit
         images = await self._call("__call__", Job(req.class_label, seeds, sampler, steps, guidance),
                                   model_id=f"{name}/{version}")
         encoding = time.perf_counter()
-        pngs = [base64.b64encode(png_bytes(img)).decode() for img in images]
+        pngs = [png_bytes(img) for img in images]
+        if self.signer is not None:  # last: nothing may change the bytes after signing
+            signing = time.perf_counter()
+            how = {"model": name, "version": version, "stage": info["stage"],
+                   "lineage": {"parent": info["parent"], "teacher": info["teacher"]}, "sampler": sampler,
+                   "steps": steps, "guidance": guidance, "class_label": req.class_label,
+                   "watermark_key_id": self.key_id}
+            pngs = await asyncio.to_thread(lambda: [self.signer.sign_png(png, {**how, "seed": seed}, f"dtrain {name}")
+                                                    for png, seed in zip(pngs, seeds)])
+            self.metrics.stage_seconds.observe(time.perf_counter() - signing, tags={"stage": "sign"})
+        pngs = [base64.b64encode(png).decode() for png in pngs]
         done = time.perf_counter()
         self.metrics.stage_seconds.observe(done - encoding, tags={"stage": "encode"})
         self.metrics.stage_seconds.observe(done - started, tags={"stage": "total"})
-        return GenerateResponse(model=name, version=version, stage=info["stage"], fallback=fallback,
-                                class_label=req.class_label, sampler=sampler, steps=steps, guidance=guidance,
-                                nfe=nfe(steps, guidance, sampler), seeds=list(seeds), images=pngs)
+        answer = GenerateResponse(model=name, version=version, stage=info["stage"], fallback=fallback,
+                                  class_label=req.class_label, sampler=sampler, steps=steps, guidance=guidance,
+                                  nfe=nfe(steps, guidance, sampler), seeds=list(seeds),
+                                  watermark_key_id=self.key_id, images=pngs)
+        if self.cache is not None:
+            self.cache[key] = answer
+        return answer
+
+
+    @app.post("/v1/detect", response_model=DetectResponse,
+              responses={400: {"description": "Nothing to detect: detail.code says why"},
+                         401: {"description": "Missing or unknown bearer token"},
+                         503: {"description": "Overloaded or timed out: retry after Retry-After seconds"}})
+    async def detect(self, req: DetectRequest,
+                     creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> DetectResponse:
+        """Is this image watermarked with the deployment's key? The version's ODE is inverted to the
+        image's noise, whose signs are matched against the key (dtrain.watermark)."""
+        self._authorize(creds)
+        if self.key_id is None:
+            raise self._refuse(400, "watermark_off", {"code": "watermark_off",
+                                                      "message": "this deployment does not watermark its images"})
+        name = req.model or next(iter(self.specs))
+        if name not in self.specs:
+            raise self._invalid("model", f"unknown model; registered: {sorted(self.specs)}")
+        version = req.version or self.specs[name].default
+        if version not in self.specs[name].versions:
+            raise self._invalid("version", f"unknown version of {name}; registered: {sorted(self.specs[name].versions)}")
+        info = self.catalog[name][version]
+        if info["latent"]:
+            raise self._refuse(400, "unsupported", {"code": "unsupported", "message": "detection on a latent "
+                                                    "model's images needs its VAE encoder, which is not wired yet"})
+        if (req.steps or info["defaults"]["steps"]) > self.args.max_steps:
+            raise self._invalid("steps", f"must be <= {self.args.max_steps}")
+        try:
+            image = decode_for_model(base64.b64decode(req.image, validate=True),
+                                     (info["channels"], info["image_size"], info["image_size"]))
+        except (binascii.Error, ValueError) as e:
+            raise self._invalid("image", str(e)) from None
+        (found,) = await self._call("detect", image[None], req.steps, model_id=f"{name}/{version}")
+        return DetectResponse(model=name, version=version, **found)
 
 
 def version_info(name: str, version: str, checkpoint: str) -> dict:
@@ -185,7 +265,8 @@ def version_info(name: str, version: str, checkpoint: str) -> dict:
     s = cfg.sample
     return {"model": name, "version": version, "checkpoint": checkpoint, "stage": meta.get("stage", "pretrain"),
             "parent": meta.get("parent"), "teacher": meta.get("teacher"), "num_classes": cfg.model.num_classes,
-            "image_size": cfg.model.image_size,
+            "image_size": cfg.model.image_size, "channels": cfg.model.in_channels,
+            "latent": isinstance(meta.get("latents"), dict),
             "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}}
 
 
@@ -193,6 +274,8 @@ def build_app(args: ServeArgs):
     """Typed app builder: a checkpoint or a registry -> an ingress bound to an autoscaling, multiplexed
     sampler deployment."""
     args = args.resolved()
+    key = key_for_serving(args.watermark_key_file) if args.watermark else None
+    signer = _signer(args)
     catalog = {name: {v: version_info(name, v, path) for v, path in spec.versions.items()}
                for name, spec in args.models.items()}
     checkpoints = {f"{name}/{v}": path for name, spec in args.models.items() for v, path in spec.versions.items()}
@@ -205,14 +288,24 @@ def build_app(args: ServeArgs):
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(args.replica_gpus)},
         max_ongoing_requests=busy, max_queued_requests=args.max_queued_requests,
         user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
-    ).bind(checkpoints, next(iter(checkpoints)), args.precision)  # health probes: the first version, so a new default
+    ).bind(checkpoints, next(iter(checkpoints)), args.precision, key)  # health probes: the first version, so a new default
     # version changes only the ingress's arguments and Serve replaces only the ingress
     # Serve's default of 5 requests per ingress would cap a batch at 5 images: admit every request
     # the samplers could hold, queue a bounded number more, refuse the rest with 503.
     most = args.num_replicas or args.autoscaling.max_replicas
     return Ingress.options(max_ongoing_requests=most * busy + args.max_queued_requests,
                            max_queued_requests=args.max_queued_requests, backpressure_config=overload,
-                           ).bind(sampler, catalog, args)
+                           ).bind(sampler, catalog, args, key and key.key_id, signer)
+
+
+def _signer(args: ServeArgs) -> Optional[ProvenanceSigner]:
+    if not args.provenance:
+        return None
+    signer, test = signer_for_serving(args.provenance_cert_chain, args.provenance_key)
+    if test:
+        logger.warning(f"served images are signed with test credentials ({signer.cert_chain_path}): they prove "
+                       "an image unchanged, not who made it; give provenance_cert_chain and provenance_key")
+    return signer
 
 
 def deploy(args: ServeArgs, name: str, route_prefix: Optional[str] = None) -> None:
@@ -234,7 +327,9 @@ def run_blocking(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> 
     """`dtrain serve`: start (or join) a local Ray cluster, deploy, serve until Ctrl-C."""
     from dtrain.runtime import ensure_ray
 
-    args = args.resolved()  # a missing checkpoint fails here, before a cluster starts
+    args = args.resolved()  # a missing checkpoint or a bad key fails here, before a cluster starts
+    key = key_for_serving(args.watermark_key_file) if args.watermark else None
+    _signer(args)  # bad credentials fail here too
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     # serve.run reconnects to the Serve instance started just above and logs that "new http_options
@@ -246,8 +341,8 @@ def run_blocking(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> 
     finally:
         logger.removeFilter(quiet)
     models = {name: list(spec.versions) for name, spec in args.models.items()}
-    print(f"serving {models} at http://{host}:{port}  (POST /v1/generate, GET /v1/models, "
-          "GET /healthz, docs at /docs)", flush=True)
+    print(f"serving {models} at http://{host}:{port}  (POST /v1/generate, POST /v1/detect, GET /v1/models, "
+          f"GET /healthz, docs at /docs); watermark key {key.key_id if key else 'off'}", flush=True)
     import signal
     import threading
 

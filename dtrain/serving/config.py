@@ -90,6 +90,21 @@ class ServeArgs(_Strict):
         "auto", description="replicas' precision; auto: the fastest this device runs (bf16 with AMX or on GPU)")
     max_steps: int = Field(100, ge=1, description="largest steps a request may ask for")
     max_images: int = Field(16, ge=1, description="largest num_images a request may ask for")
+    watermark: bool = Field(True, description="embed the deployment's invisible watermark in every served image "
+                                              "(Gaussian Shading in the initial noise; POST /v1/detect finds it)")
+    watermark_key_file: Optional[str] = Field(None, description="the watermark key, 64 hex digits; default "
+                                                                "~/.config/dtrain/watermark.key, created on first use")
+    provenance: bool = Field(True, description="sign every served PNG with a C2PA manifest (model, version, stage, "
+                                               "lineage, sampler, steps, seed, watermark key id)")
+    provenance_cert_chain: Optional[str] = Field(None, description="PEM certificate chain, signer first; default: "
+                                                                   "test credentials made in ~/.config/dtrain/c2pa-test")
+    provenance_key: Optional[str] = Field(None, description="the signer's unencrypted PEM private key")
+    deny_classes: dict[str, list[int]] = Field(
+        default_factory=dict, description="input policy: model name ('*': every model) -> class labels refused "
+                                          "with 400 before any compute")
+    cache_entries: int = Field(0, ge=0, description="response cache per ingress replica (0: off): the same request "
+                                                    "to the same version returns the same bytes without compute")
+    cache_ttl_s: float = Field(600.0, gt=0, description="how long a cached response is served")
     auth_tokens_file: Optional[str] = Field(None, description="file of bearer tokens, one per line; auth off if no tokens")
     auth_tokens_env: str = Field("DTRAIN_SERVE_TOKENS", description="environment variable of comma-separated tokens")
 
@@ -97,6 +112,8 @@ class ServeArgs(_Strict):
     def _fits(self) -> "ServeArgs":
         if (self.checkpoint is None) == (self.models is None):
             raise ValueError("give either checkpoint (one model) or models (a registry), not both or neither")
+        if (self.provenance_cert_chain is None) != (self.provenance_key is None):
+            raise ValueError("give both provenance_cert_chain and provenance_key, or neither (test credentials)")
         if self.max_images > self.max_batch_images:
             raise ValueError(f"max_images {self.max_images} > max_batch_images {self.max_batch_images}: "
                              "a request must fit in one batch")
@@ -114,8 +131,12 @@ class ServeArgs(_Strict):
             models = {name: ModelSpec(versions={version: ckpt})}
         models = {name: spec.model_copy(update={"versions": {v: _pinned(p) for v, p in spec.versions.items()}})
                   for name, spec in models.items()}
-        tokens = self.auth_tokens_file and str(Path(self.auth_tokens_file).expanduser().resolve())
-        return self.model_copy(update={"checkpoint": None, "models": models, "auth_tokens_file": tokens})
+        absolute = lambda f: f and str(Path(f).expanduser().resolve())  # noqa: E731
+        return self.model_copy(update={"checkpoint": None, "models": models,
+                                       "auth_tokens_file": absolute(self.auth_tokens_file),
+                                       "watermark_key_file": absolute(self.watermark_key_file),
+                                       "provenance_cert_chain": absolute(self.provenance_cert_chain),
+                                       "provenance_key": absolute(self.provenance_key)})
 
 
 def _pinned(path: str) -> str:

@@ -30,5 +30,7 @@ class IngressMetrics:
                                 tag_keys=("model", "reason"))
         self.stage_seconds = Histogram("dtrain_serve_stage_seconds", "Seconds per stage of a request",
                                        boundaries=_LATENCY_S, tag_keys=("model", "stage"))
-        for m in (self.refusals, self.stage_seconds):
+        self.cache = Counter("dtrain_serve_cache", "Response cache lookups, by result (hit, miss)",
+                             tag_keys=("model", "result"))
+        for m in (self.refusals, self.stage_seconds, self.cache):
             m.set_default_tags({"model": model})

@@ -19,6 +19,8 @@ from dtrain.images import to_uint8
 from dtrain.precision import DTYPES, choose
 from dtrain.runtime import pin_threads
 from dtrain.serving.metrics import SamplerMetrics
+from dtrain.watermark import WatermarkKey, recover_noise
+from dtrain.watermark import detect as detect_watermark
 
 logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 4  # versions a replica keeps loaded (least recently used is dropped)
@@ -57,9 +59,10 @@ class Sampler:
     request to a replica that already holds its version, and a replica keeps the last
     MODELS_PER_REPLICA versions it used."""
 
-    def __init__(self, checkpoints: dict[str, str], default_model: str, precision: str = "auto"):
+    def __init__(self, checkpoints: dict[str, str], default_model: str, precision: str = "auto",
+                 watermark: Optional[WatermarkKey] = None):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.precision = precision
+        self.precision, self.watermark = precision, watermark
         self.threads = pin_threads()  # the replica's num_cpus, not every core of the node
         self.checkpoints, self.default_model = checkpoints, default_model
         self.metrics = SamplerMetrics(default_model)
@@ -122,7 +125,7 @@ class Sampler:
             # in a thread: the replica's event loop keeps taking requests (the next batch fills
             # while this one computes) and answering health checks
             images = to_uint8(await asyncio.to_thread(render, m.net, m.cfg, m.meta, labels, seeds, steps, guidance,
-                                                      m.precision, sampler))
+                                                      m.precision, sampler, self.watermark))
             self.metrics.batch_images.observe(len(seeds), tags=tags)
             self.metrics.images.inc(len(seeds), tags=tags)
             self.metrics.nfe.inc(len(seeds) * nfe(steps, guidance, sampler), tags=tags)
@@ -132,6 +135,13 @@ class Sampler:
                 out[i], start = images[start: start + n], start + n
         self.metrics.stage_seconds.observe(time.perf_counter() - started, tags={"stage": "compute", **tags})
         return out  # type: ignore[return-value]
+
+    async def detect(self, images: torch.Tensor, steps: Optional[int]) -> list[dict]:
+        """Watermark detection of images [B, C, H, W] in [-1, 1] with this deployment's key, by inverting
+        the ODE of the version the request was routed for (dtrain.watermark)."""
+        m = await self.model(serve.get_multiplexed_model_id() or self.default_model)
+        noises = await asyncio.to_thread(recover_noise, m.net, m.cfg, images, steps, None, m.precision)
+        return detect_watermark(noises, [self.watermark])
 
 
 def replica_gpus(requested: Optional[float]) -> float:

@@ -39,7 +39,28 @@ class GenerateResponse(BaseModel):
     guidance: float
     nfe: int = Field(description="Network evaluations spent per image")
     seeds: list[int]
+    watermark_key_id: Optional[str] = Field(description="Id of the key the images are watermarked with (None: off)")
     images: list[str] = Field(description="Base64-encoded PNG images")
+
+
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(max_length=4_000_000, description="Base64-encoded image file (PNG, JPEG, ...) of the model's size")
+    model: Optional[str] = Field(None, max_length=128, description="Model whose ODE is inverted; default: the first")
+    version: Optional[str] = Field(None, max_length=128, description="Version of that model; default: its default")
+    steps: Optional[int] = Field(None, ge=1, le=10_000, description="Inversion steps; default: the version's sampler steps")
+
+
+class DetectResponse(BaseModel):
+    model: str
+    version: str
+    watermarked: bool = Field(description="p_value below 0.01")
+    key_id: str = Field(description="The deployment's watermark key id")
+    score: float = Field(description="Share of the noise's signs that match the key (0.5: chance)")
+    p_value: float = Field(description="Chance of a score this high without the watermark (Bonferroni over classes)")
+    matching_signs: int
+    signs: int
 
 
 class Health(BaseModel):

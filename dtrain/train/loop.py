@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain import checkpoint as ckpt_io
-from dtrain.config import Config, from_yaml, to_dict
+from dtrain.config import from_yaml, to_dict
 from dtrain.data.shards import CorruptShards, DataError, load_images
 from dtrain.generation import grid_from_weights
 from dtrain.models import build_model, count_params
