@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -67,14 +68,16 @@ def _in_dtype(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
-          precision: str = "fp32", sampler: str = "euler", watermark=None) -> torch.Tensor:
+          precision: str = "fp32", sampler: str = "euler", watermark=None,
+          live: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
     """The ODE's end state [B, C, h, w] in the net's own space (latents stay latents), from the noise
     `initial_noise(seeds)`. labels: [B] long class labels; seeds: B ints, one noise generator each, so a
     sample depends on its seed alone and not on how it was batched. `sampler` (euler | heun | ddim) takes
     `steps` steps with classifier-free guidance, `nfe(steps, guidance, sampler)` network calls per image,
     whatever the net predicts (velocity, eps, v, x0: cfg.objective says). The net runs in `precision`
     (bf16 | fp32 | fp16); the ODE state stays in float32. watermark: a dtrain.watermark.WatermarkKey
-    whose signs the initial noise takes (None: plain noise)."""
+    whose signs the initial noise takes (None: plain noise). live: called before every network call, a
+    bool [B] of the images still wanted; the others are no longer computed (their rows stay put)."""
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds: one seed per image")
     m, dtype = cfg.model, DTYPES[precision]
@@ -82,6 +85,8 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
     device = next(run.parameters()).device
     # t stays float32: the timestep embedding computes its sinusoids in float32 itself
     net_fn = lambda x, t, c: run(x.to(dtype), t, c).float()  # noqa: E731
+    if live is not None:
+        net_fn = _only_live(net_fn, live)
     prediction, path = prediction_and_path(cfg.objective)
     noise = initial_noise((m.in_channels, m.image_size, m.image_size), seeds)
     noise = (noise if watermark is None else watermark.shade(noise)).to(device)
@@ -96,12 +101,28 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
         run.train(was_training)
 
 
+def _only_live(net_fn, live: Callable[[], torch.Tensor]):
+    """net_fn on the rows `live()` keeps, zeros elsewhere: a cancelled image stops costing compute
+    while the rest of its batch runs on. Guidance runs a doubled batch: the mask repeats."""
+    def fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        keep = live()
+        if bool(keep.all()):
+            return net_fn(x, t, c)
+        keep = keep.to(x.device).repeat(x.shape[0] // len(keep))
+        out = torch.zeros_like(x)
+        if bool(keep.any()):
+            out[keep] = net_fn(x[keep], t[keep], c[keep])
+        return out
+    return fn
+
+
 def render(net: torch.nn.Module, cfg, meta: dict, labels: torch.Tensor, seeds: list[int], steps: int,
-           guidance: float, precision: str = "fp32", sampler: str = "euler", watermark=None) -> torch.Tensor:
+           guidance: float, precision: str = "fp32", sampler: str = "euler", watermark=None,
+           live: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
     """Class-conditional images [B, C, H, W] in [-1, 1] (C, H, W = image_shape(cfg, meta)): `solve`,
     then decoded through the checkpoint's VAE when it was trained on latents (the VAE in float32)."""
     vae = latent_vae(meta)  # before sampling: a missing VAE fails fast, not after all the steps
-    x = solve(net, cfg, labels, seeds, steps, guidance, precision, sampler, watermark)
+    x = solve(net, cfg, labels, seeds, steps, guidance, precision, sampler, watermark, live)
     if vae is None:
         return x
     lat = meta["latents"]

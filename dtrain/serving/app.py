@@ -3,6 +3,8 @@
     POST /v1/generate  {model, version, allow_fallback, class_label, seed, num_images, sampler, steps,
                         guidance} -> PNG images (base64), watermarked with the deployment's key and
                         signed with a C2PA manifest of how each was made
+    POST /v1/jobs      the same body -> a job id at once; GET /v1/jobs/{id} its state and, when done, the
+                       images; DELETE /v1/jobs/{id} cancels it; GET /v1/jobs/{id}/events streams progress
     POST /v1/detect    {image, model, version, steps} -> is the image watermarked with that key
     GET  /v1/models    the registered models and versions: stage, lineage, default sampler and steps
     GET  /healthz      a real one-step sample on a sampler replica
@@ -19,16 +21,20 @@ with 400 and a reason code before any compute; an optional response cache answer
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import random
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from cachetools import TTLCache
 from fastapi import FastAPI, HTTPException, Request, Response, Security
+from fastapi import Path as FPath
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import RayActorError
@@ -44,11 +50,27 @@ from dtrain.serving.auth import BearerAuth
 from dtrain.serving.config import ServeArgs
 from dtrain.serving.docs import serve_docs_offline
 from dtrain.serving.metrics import IngressMetrics
+from dtrain.serving.jobs import Cancelled, JobBoard, follow
 from dtrain.serving.sampler import Job, Sampler, replica_gpus
-from dtrain.serving.schemas import DetectRequest, DetectResponse, GenerateRequest, GenerateResponse, Health
+from dtrain.serving.schemas import DetectRequest, DetectResponse, GenerateRequest, GenerateResponse, Health, JobState
 from dtrain.watermark import decode_for_model, key_for_serving
 
 logger = logging.getLogger("ray.serve")
+JOB_ID = r"^[0-9a-f]{32}$"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request routed and checked: the version that serves it and the sampler's job."""
+    name: str
+    version: str
+    fallback: bool
+    info: dict
+    job: Job
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}/{self.version}"
 
 
 class SafeJSONResponse(JSONResponse):
@@ -77,9 +99,10 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> SafeJS
 @serve.deployment(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=60)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, sampler: DeploymentHandle, catalog: dict, args: ServeArgs, watermark_key_id: Optional[str],
-                 signer: Optional[ProvenanceSigner] = None):
-        self.sampler, self.catalog, self.args = sampler, catalog, args
+    def __init__(self, sampler: DeploymentHandle, board: DeploymentHandle, catalog: dict, args: ServeArgs,
+                 watermark_key_id: Optional[str], signer: Optional[ProvenanceSigner] = None):
+        self.sampler, self.board, self.catalog, self.args = sampler, board, catalog, args
+        self.jobs: set[asyncio.Task] = set()
         self.key_id, self.signer = watermark_key_id, signer
         self.specs = args.models  # resolved: name -> ModelSpec
         self.auth = BearerAuth(args.auth_tokens_file, args.auth_tokens_env)
@@ -97,21 +120,24 @@ class Ingress:
     def _invalid(self, field: str, msg: str) -> HTTPException:
         return self._refuse(422, "invalid", [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
 
-    def _authorize(self, creds: Optional[HTTPAuthorizationCredentials]) -> None:
-        if not self.auth.allows(creds.credentials if creds else None):
+    def _authorize(self, creds: Optional[HTTPAuthorizationCredentials]) -> str:
+        """The caller's tenant (who owns its jobs); 401 for a missing or unknown token."""
+        token = creds.credentials if creds else None
+        if not self.auth.allows(token):
             raise self._refuse(401, "unauthorized", "unauthorized", {"WWW-Authenticate": "Bearer"})
+        return self.auth.tenant(token)
 
     def _overloaded(self, reason: str) -> HTTPException:
         return self._refuse(503, reason, f"{reason}: retry later", {"Retry-After": str(self.args.retry_after_s)})
 
-    async def _call(self, method: str, *args: Any, model_id: str = "") -> Any:
+    async def _call(self, method: str, *args: Any, model_id: str = "", timeout_s: Optional[float] = None) -> Any:
         """A sampler call bounded by the request timeout; a replica that died mid-call is retried once
         on another (samples depend on their seeds only, so a retry returns the same images)."""
         handle = getattr(self.sampler.options(multiplexed_model_id=model_id), method)
         for attempt in range(2):
             response = handle.remote(*args)
             try:
-                return await asyncio.wait_for(response, self.args.request_timeout_s)
+                return await asyncio.wait_for(response, timeout_s or self.args.request_timeout_s)
             except asyncio.TimeoutError:
                 response.cancel()
                 raise self._overloaded("timeout") from None
@@ -178,7 +204,8 @@ class Ingress:
             raise self._refuse(400, "denied_class", {"code": "denied_class",
                                                      "message": f"class {req.class_label} of {name} is not served"})
 
-    async def _generate(self, req: GenerateRequest, response: Response, started: float) -> GenerateResponse:
+    def _plan(self, req: GenerateRequest) -> Plan:
+        """Route and check a request against the version that will serve it."""
         name, version, fallback = self._route(req)
         info, a = self.catalog[name][version], self.args
         d = info["defaults"]
@@ -191,40 +218,118 @@ class Ingress:
             if not ok:
                 raise self._invalid(field, msg)
         seeds = tuple(range(req.seed, req.seed + req.num_images))
+        return Plan(name, version, fallback, info, Job(req.class_label, seeds, sampler, steps, guidance))
+
+    async def _generate(self, req: GenerateRequest, response: Response, started: float) -> GenerateResponse:
+        plan = self._plan(req)
         # everything the bytes depend on: the version's checkpoint and every generation parameter
-        key = (self.args.models[name].versions[version], fallback, req.class_label, seeds, sampler, steps, guidance,
-               self.key_id)
+        key = (self.args.models[plan.name].versions[plan.version], plan.fallback, plan.job, self.key_id)
         if self.cache is not None:
             hit = self.cache.get(key)
             self.metrics.cache.inc(tags={"result": "miss" if hit is None else "hit"})
             response.headers["X-Cache"] = "miss" if hit is None else "hit"
             if hit is not None:
                 return hit
-        images = await self._call("__call__", Job(req.class_label, seeds, sampler, steps, guidance),
-                                  model_id=f"{name}/{version}")
+        images = await self._call("__call__", plan.job, model_id=plan.model_id)
+        answer = await self._answer(plan, images, started)
+        if self.cache is not None:
+            self.cache[key] = answer
+        return answer
+
+    async def _answer(self, plan: Plan, images: Any, started: float) -> GenerateResponse:
+        """The response for a plan's images: PNGs, signed last (nothing may change the bytes after)."""
+        job, info = plan.job, plan.info
         encoding = time.perf_counter()
         pngs = [png_bytes(img) for img in images]
-        if self.signer is not None:  # last: nothing may change the bytes after signing
+        if self.signer is not None:
             signing = time.perf_counter()
-            how = {"model": name, "version": version, "stage": info["stage"],
-                   "lineage": {"parent": info["parent"], "teacher": info["teacher"]}, "sampler": sampler,
-                   "steps": steps, "guidance": guidance, "class_label": req.class_label,
+            how = {"model": plan.name, "version": plan.version, "stage": info["stage"],
+                   "lineage": {"parent": info["parent"], "teacher": info["teacher"]}, "sampler": job.sampler,
+                   "steps": job.steps, "guidance": job.guidance, "class_label": job.class_label,
                    "watermark_key_id": self.key_id}
-            pngs = await asyncio.to_thread(lambda: [self.signer.sign_png(png, {**how, "seed": seed}, f"dtrain {name}")
-                                                    for png, seed in zip(pngs, seeds)])
+            pngs = await asyncio.to_thread(lambda: [self.signer.sign_png(png, {**how, "seed": seed}, f"dtrain {plan.name}")
+                                                    for png, seed in zip(pngs, job.seeds)])
             self.metrics.stage_seconds.observe(time.perf_counter() - signing, tags={"stage": "sign"})
         pngs = [base64.b64encode(png).decode() for png in pngs]
         done = time.perf_counter()
         self.metrics.stage_seconds.observe(done - encoding, tags={"stage": "encode"})
         self.metrics.stage_seconds.observe(done - started, tags={"stage": "total"})
-        answer = GenerateResponse(model=name, version=version, stage=info["stage"], fallback=fallback,
-                                  class_label=req.class_label, sampler=sampler, steps=steps, guidance=guidance,
-                                  nfe=nfe(steps, guidance, sampler), seeds=list(seeds),
-                                  watermark_key_id=self.key_id, images=pngs)
-        if self.cache is not None:
-            self.cache[key] = answer
-        return answer
+        return GenerateResponse(model=plan.name, version=plan.version, stage=info["stage"], fallback=plan.fallback,
+                                class_label=job.class_label, sampler=job.sampler, steps=job.steps,
+                                guidance=job.guidance, nfe=nfe(job.steps, job.guidance, job.sampler),
+                                seeds=list(job.seeds), watermark_key_id=self.key_id, images=pngs)
 
+    # Jobs: the same generation, answered at once with an id (dtrain.serving.jobs)
+
+    def _no_job(self) -> HTTPException:
+        return HTTPException(404, {"code": "unknown_job", "message": "no such job, or its result has expired"})
+
+    @app.post("/v1/jobs", status_code=202, response_model=JobState,
+              responses={400: {"description": "Refused by the input policy: detail.code says why"},
+                         401: {"description": "Missing or unknown bearer token"},
+                         503: {"description": "Too many jobs kept: retry after Retry-After seconds"}})
+    async def submit_job(self, req: GenerateRequest,
+                         creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> dict:
+        """Start a generation (the body of /v1/generate) and answer at once with its job id. Poll
+        GET /v1/jobs/{id}, follow GET /v1/jobs/{id}/events, cancel with DELETE /v1/jobs/{id}."""
+        owner = self._authorize(creds)
+        self._check_policy(req)
+        plan = self._plan(req)
+        job_id = uuid.uuid4().hex
+        job = dataclasses.replace(plan.job, job_id=job_id)
+        if not await self.board.create.remote(job_id, owner, job.steps, nfe(job.steps, 1.0, job.sampler)):
+            raise self._overloaded("jobs_full")
+        task = asyncio.ensure_future(self._run_job(dataclasses.replace(plan, job=job)))
+        self.jobs.add(task)  # held, or the loop may drop the task
+        task.add_done_callback(self.jobs.discard)
+        return await self.board.get.remote(job_id, owner, False)
+
+    async def _run_job(self, plan: Plan) -> None:
+        job_id, started = plan.job.job_id, time.perf_counter()
+        try:
+            out = await self._call("__call__", plan.job, model_id=plan.model_id, timeout_s=self.args.job_timeout_s)
+            if isinstance(out, Cancelled):
+                await self.board.finish.remote(job_id, "cancelled", cancelled=out)
+            else:
+                answer = await self._answer(plan, out, started)
+                await self.board.finish.remote(job_id, "done", result=answer.model_dump())
+        except HTTPException as e:
+            await self.board.finish.remote(job_id, "failed", error=str(e.detail))
+        except Exception:
+            logger.exception(f"job {job_id} failed")
+            await self.board.finish.remote(job_id, "failed", error="internal error")
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobState, responses={404: {"description": "Unknown or expired"}})
+    async def job(self, job_id: str = FPath(pattern=JOB_ID),
+                  creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> dict:
+        """The job's state and progress; once done, its images (until `job_ttl_s` after it finished)."""
+        state = await self.board.get.remote(job_id, self._authorize(creds))
+        if state is None:
+            raise self._no_job()
+        return state
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobState, responses={404: {"description": "Unknown or expired"}})
+    async def cancel_job(self, job_id: str = FPath(pattern=JOB_ID),
+                         creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> dict:
+        """Cancel a queued or running job: a running one stops computing at its next network call, while
+        the rest of its batch runs on. A finished job is left as it is."""
+        state = await self.board.cancel.remote(job_id, self._authorize(creds))
+        if state is None:
+            raise self._no_job()
+        return state
+
+    @app.get("/v1/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}},
+                                                     404: {"description": "Unknown or expired"}})
+    async def job_events(self, job_id: str = FPath(pattern=JOB_ID),
+                         creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> StreamingResponse:
+        """Server-sent events: `progress` as the job's steps advance (at most every 50 ms), then one
+        of `done`, `cancelled` or `failed` (fetch the images with GET /v1/jobs/{id}), and the stream ends."""
+        owner = self._authorize(creds)
+        first = await self.board.get.remote(job_id, owner, False)
+        if first is None:
+            raise self._no_job()
+        return StreamingResponse(follow(self.board, job_id, owner, first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/detect", response_model=DetectResponse,
               responses={400: {"description": "Nothing to detect: detail.code says why"},
@@ -282,20 +387,21 @@ def build_app(args: ServeArgs):
     scaling = ({"num_replicas": args.num_replicas} if args.num_replicas
                else {"autoscaling_config": args.autoscaling.serve_config()})
     busy = 2 * args.max_batch_images  # one batch running and the next filling
+    board = JobBoard.bind(args.job_ttl_s, args.max_jobs)
     overload = BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s)
     sampler = Sampler.options(
         **scaling,
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(args.replica_gpus)},
         max_ongoing_requests=busy, max_queued_requests=args.max_queued_requests,
         user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
-    ).bind(checkpoints, next(iter(checkpoints)), args.precision, key)  # health probes: the first version, so a new default
+    ).bind(checkpoints, next(iter(checkpoints)), args.precision, key, board)  # health probes: the first version, so a new default
     # version changes only the ingress's arguments and Serve replaces only the ingress
     # Serve's default of 5 requests per ingress would cap a batch at 5 images: admit every request
     # the samplers could hold, queue a bounded number more, refuse the rest with 503.
     most = args.num_replicas or args.autoscaling.max_replicas
     return Ingress.options(max_ongoing_requests=most * busy + args.max_queued_requests,
                            max_queued_requests=args.max_queued_requests, backpressure_config=overload,
-                           ).bind(sampler, catalog, args, key and key.key_id, signer)
+                           ).bind(sampler, board, catalog, args, key and key.key_id, signer)
 
 
 def _signer(args: ServeArgs) -> Optional[ProvenanceSigner]:

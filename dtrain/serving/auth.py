@@ -26,6 +26,10 @@ class BearerAuth:
     def enabled(self) -> bool:
         return bool(self._digests)
 
+    def tenant(self, token: Optional[str]) -> str:
+        """Who a caller is, for owning jobs: a digest of its token (never the token), "anonymous" without auth."""
+        return _digest(token).hex()[:16] if self._digests and token else "anonymous"
+
     def allows(self, token: Optional[str]) -> bool:
         """True when auth is off, or `token` (of an `Authorization: Bearer <token>` header) is known."""
         if not self._digests:

@@ -105,6 +105,9 @@ class ServeArgs(_Strict):
     cache_entries: int = Field(0, ge=0, description="response cache per ingress replica (0: off): the same request "
                                                     "to the same version returns the same bytes without compute")
     cache_ttl_s: float = Field(600.0, gt=0, description="how long a cached response is served")
+    job_ttl_s: float = Field(600.0, gt=0, description="how long a finished job's state and images stay retrievable")
+    max_jobs: int = Field(1000, ge=1, description="jobs kept (running and finished) beyond which a new one gets 503")
+    job_timeout_s: float = Field(600.0, gt=0, description="a job still running after this fails")
     auth_tokens_file: Optional[str] = Field(None, description="file of bearer tokens, one per line; auth off if no tokens")
     auth_tokens_env: str = Field("DTRAIN_SERVE_TOKENS", description="environment variable of comma-separated tokens")
 

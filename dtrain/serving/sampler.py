@@ -12,12 +12,14 @@ from typing import Optional
 import numpy as np
 import torch
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from dtrain.checkpoint import load_model, read_meta
 from dtrain.generation import image_shape, nfe, render
 from dtrain.images import to_uint8
 from dtrain.precision import DTYPES, choose
 from dtrain.runtime import pin_threads
+from dtrain.serving.jobs import Cancelled, LiveRows, watch_while
 from dtrain.serving.metrics import SamplerMetrics
 from dtrain.watermark import WatermarkKey, recover_noise
 from dtrain.watermark import detect as detect_watermark
@@ -34,6 +36,7 @@ class Job:
     sampler: str
     steps: int
     guidance: float
+    job_id: Optional[str] = None  # an asynchronous job (dtrain.serving.jobs): cancellable between steps
 
     @property
     def key(self) -> tuple[str, int, float]:
@@ -60,9 +63,9 @@ class Sampler:
     MODELS_PER_REPLICA versions it used."""
 
     def __init__(self, checkpoints: dict[str, str], default_model: str, precision: str = "auto",
-                 watermark: Optional[WatermarkKey] = None):
+                 watermark: Optional[WatermarkKey] = None, board: Optional[DeploymentHandle] = None):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.precision, self.watermark = precision, watermark
+        self.precision, self.watermark, self.board = precision, watermark, board
         self.threads = pin_threads()  # the replica's num_cpus, not every core of the node
         self.checkpoints, self.default_model = checkpoints, default_model
         self.metrics = SamplerMetrics(default_model)
@@ -100,13 +103,13 @@ class Sampler:
         self.run_batch.set_max_batch_size(user_config["max_batch_images"])
         self.run_batch.set_batch_wait_timeout_s(user_config["batch_wait_timeout_s"])
 
-    async def __call__(self, job: Job) -> np.ndarray:
+    async def __call__(self, job: Job) -> np.ndarray | Cancelled:
         self.waiting += 1
         self.metrics.queue_depth.set(self.waiting)
         return await self.run_batch(job, time.perf_counter())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=images_in)  # sized by the jobs
-    async def run_batch(self, jobs: list[Job], queued_at: list[float]) -> list[np.ndarray]:
+    async def run_batch(self, jobs: list[Job], queued_at: list[float]) -> list[np.ndarray | Cancelled]:
         # Serve splits a batch by model: one version here, the one the request was routed for
         model_id = serve.get_multiplexed_model_id() or self.default_model
         m, tags = await self.model(model_id), {"model": model_id}
@@ -115,24 +118,32 @@ class Sampler:
         self.metrics.queue_depth.set(self.waiting)
         for t in queued_at:
             self.metrics.stage_seconds.observe(started - t, tags={"stage": "queue"})
-        out: list[Optional[np.ndarray]] = [None] * len(jobs)
+        out: list[Optional[np.ndarray | Cancelled]] = [None] * len(jobs)
         groups: dict[tuple[str, int, float], list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(i)
         for (sampler, steps, guidance), idx in groups.items():
             labels = torch.cat([torch.full((len(jobs[i].seeds),), jobs[i].class_label) for i in idx])
             seeds = [s for i in idx for s in jobs[i].seeds]
+            rows = (LiveRows([(jobs[i].job_id, len(jobs[i].seeds)) for i in idx])
+                    if self.board is not None and any(jobs[i].job_id for i in idx) else None)
             # in a thread: the replica's event loop keeps taking requests (the next batch fills
-            # while this one computes) and answering health checks
-            images = to_uint8(await asyncio.to_thread(render, m.net, m.cfg, m.meta, labels, seeds, steps, guidance,
-                                                      m.precision, sampler, self.watermark))
+            # while this one computes), answering health checks and taking the jobs' cancellations
+            compute = asyncio.ensure_future(asyncio.to_thread(render, m.net, m.cfg, m.meta, labels, seeds, steps,
+                                                              guidance, m.precision, sampler, self.watermark, rows))
+            watcher = rows and asyncio.ensure_future(watch_while(self.board, rows, compute))
+            try:
+                images = to_uint8(await compute)
+            finally:
+                if watcher:
+                    watcher.cancel()
             self.metrics.batch_images.observe(len(seeds), tags=tags)
             self.metrics.images.inc(len(seeds), tags=tags)
             self.metrics.nfe.inc(len(seeds) * nfe(steps, guidance, sampler), tags=tags)
             start = 0
             for i in idx:
                 n = len(jobs[i].seeds)
-                out[i], start = images[start: start + n], start + n
+                out[i], start = (rows and rows.outcome(jobs[i].job_id)) or images[start: start + n], start + n
         self.metrics.stage_seconds.observe(time.perf_counter() - started, tags={"stage": "compute", **tags})
         return out  # type: ignore[return-value]
 

@@ -43,6 +43,24 @@ class GenerateResponse(BaseModel):
     images: list[str] = Field(description="Base64-encoded PNG images")
 
 
+class JobCancel(BaseModel):
+    seen_at_step: int = Field(description="Step at which the replica learnt of the cancellation")
+    last_step: int = Field(description="Last step that still computed the job (seen_at_step + 1 at most)")
+
+
+class JobState(BaseModel):
+    job_id: str
+    state: Literal["queued", "running", "done", "cancelled", "failed"]
+    step: int = Field(description="Sampler steps done")
+    steps: int
+    created_at: float = Field(description="Unix time")
+    finished_at: Optional[float] = None
+    version: int = Field(description="Increases with every change: the id of its server-sent event")
+    error: Optional[str] = None
+    cancel: Optional[JobCancel] = None
+    result: Optional[GenerateResponse] = Field(None, description="The images, once done (until the result expires)")
+
+
 class DetectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
