@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import torch
 
 from dtrain.serving.jobs import WATCH_S, Cancelled, JobBoard, LiveRows
@@ -98,3 +99,40 @@ def test_a_cancelled_jobs_rows_stop_being_computed_while_the_rest_of_the_batch_r
     assert torch.equal(out[2:], alone[2:])  # the others as if alone
     assert rows.outcome("a" * 32) == Cancelled(seen_at_call=4, last_call=4) and rows.outcome("b" * 32) is None
     assert rows.progress() == {"b" * 32: 10}
+
+
+def test_quotas_count_images_over_a_minute_and_say_when_to_retry():
+    from dtrain.serving.tenancy import Quotas
+
+    q = Quotas()
+    assert q.take("a", None, 10_000) is None  # no quota
+    assert [q.take("a", 10, 4) for _ in range(3)][:2] == [None, None]
+    wait = q.take("a", 10, 4)
+    assert wait is not None and 1 <= wait <= 60
+    assert q.take("b", 10, 4) is None  # per tenant
+    assert q.take("c", 10, 11) is not None  # more than a whole minute's quota never fits
+
+
+def test_the_gate_admits_waiters_by_tier_then_arrival():
+    from dtrain.serving.tenancy import PriorityGate
+
+    async def go():
+        gate, order = PriorityGate(capacity=2), []
+
+        async def request(name, tier, images=2, hold=0.01):
+            await gate.acquire(tier, images)
+            order.append(name)
+            await asyncio.sleep(hold)
+            gate.release(images)
+
+        first = asyncio.ensure_future(request("first", "low", hold=0.05))
+        await asyncio.sleep(0.01)
+        tasks = [asyncio.ensure_future(request(n, t)) for n, t in
+                 (("low1", "low"), ("std1", "standard"), ("low2", "low"), ("high1", "high"), ("std2", "standard"))]
+        await asyncio.sleep(0)
+        # one that gives up waiting leaves no hole
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(gate.acquire("high", 2), 0.01)
+        await asyncio.gather(first, *tasks)
+        assert order == ["first", "high1", "std1", "std2", "low1", "low2"] and gate.in_flight == 0
+    run(go())

@@ -48,12 +48,15 @@ def test_serve_args_are_strict_and_consistent(tiny_checkpoint, tmp_path):
 def test_bearer_auth_from_file_and_env(tmp_path, monkeypatch):
     assert BearerAuth(None, "DTRAIN_TEST_NO_TOKENS").allows(None)  # no tokens: auth off
     f = tmp_path / "tokens"
-    f.write_text("# ops\nalpha\n\n  beta  \n")
-    monkeypatch.setenv("DTRAIN_TEST_TOKENS", "gamma, delta")
+    f.write_text("# ops\nalpha\n\n  beta  team-b\n")
+    monkeypatch.setenv("DTRAIN_TEST_TOKENS", "gamma=team-g, delta")
     auth = BearerAuth(str(f), "DTRAIN_TEST_TOKENS")
     assert auth.enabled
     assert all(auth.allows(t) for t in ("alpha", "beta", "gamma", "delta"))
-    assert not any(auth.allows(t) for t in (None, "", "# ops", "alph", "alpha ", "\ud800", "gamma, delta"))
+    assert not any(auth.allows(t) for t in (None, "", "# ops", "alph", "alpha ", "\ud800", "gamma, delta", "team-b"))
+    assert (auth.tenant("beta"), auth.tenant("gamma"), auth.tenant("nope")) == ("team-b", "team-g", None)
+    assert len(auth.tenant("alpha")) == 16 and "alpha" not in auth.tenant("alpha")  # unnamed: a digest, never the token
+    assert BearerAuth(None, "DTRAIN_TEST_NO_TOKENS").tenant(None) == "anonymous"
 
 
 # --- the real stack ----------------------------------------------------------------------------

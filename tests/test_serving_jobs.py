@@ -126,3 +126,53 @@ def test_fuzzed_job_bodies_and_ids_get_no_server_error(jobs):
 
     check()
     np.testing.assert_equal(jobs.get("/healthz").status_code, 200)
+
+
+@pytest.fixture(scope="module")
+def tiers(serve_url, versions, tmp_path_factory):
+    """/tiers: tokens of tenants gold (high tier), bronze (low) and capped (a quota of 12 images a minute);
+    one request of 2 images at a time goes to the one sampler replica, the rest wait by tier."""
+    from ray import serve
+
+    from dtrain.serving.app import deploy
+    from dtrain.serving.config import ServeArgs
+
+    tokens = tmp_path_factory.mktemp("tiers") / "tokens"
+    tokens.write_text("gold-token gold\nbronze-token bronze\ncapped-token capped\n")
+    deploy(ServeArgs(models=registry(versions, default="ckpt"), num_replicas=1, replica_cpus=0.5, max_images=4,
+                     max_steps=5000, auth_tokens_file=str(tokens), admit_images=2, precision="fp32",
+                     tenants={"gold": {"tier": "high"}, "bronze": {"tier": "low"},
+                              "capped": {"images_per_minute": 12}}), "tiers")
+    yield f"{serve_url}/tiers"
+    serve.delete("tiers")
+
+
+def test_a_tenant_over_its_quota_gets_429_and_others_do_not(tiers):
+    with httpx.Client(base_url=tiers, timeout=60, headers={"Authorization": "Bearer capped-token"}) as c:
+        body = {"class_label": 1, "num_images": 4, "steps": 1}
+        assert [c.post("/v1/generate", json=body).status_code for _ in range(3)] == [200, 200, 200]
+        r = c.post("/v1/generate", json=body)
+        assert r.status_code == 429 and r.json()["detail"]["code"] == "quota", r.text
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert c.post("/v1/jobs", json=body).status_code == 429  # jobs count too
+        r = c.post("/v1/generate", json=body, headers={"Authorization": "Bearer bronze-token"})
+        assert r.status_code == 200, r.text  # another tenant, no quota
+
+
+def test_under_load_the_high_tier_is_served_first(tiers):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"class_label": 2, "num_images": 2, "steps": 400, "guidance": 1.0}
+
+    def post(token: str) -> float:
+        with httpx.Client(base_url=tiers, timeout=120) as c:
+            r = c.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200, r.text
+        return time.monotonic()
+
+    with ThreadPoolExecutor(8) as pool:
+        low = [pool.submit(post, "bronze-token") for _ in range(6)]
+        time.sleep(0.3)  # the first low request runs, the other five wait at the gate
+        high = pool.submit(post, "gold-token")
+        low_done, high_done = sorted(f.result() for f in low), high.result()
+    assert sum(t > high_done for t in low_done) >= 4, (low_done, high_done)  # it overtook the waiting ones

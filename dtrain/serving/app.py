@@ -15,7 +15,9 @@ path dtrain.serving.app:build_app, typed arguments dtrain.serving.config.ServeAr
 only the checkpoints: no Ray Train, no DeepSpeed. Overload is answered with 503 and Retry-After, never a
 500; every invalid body gets a 422 naming the field. The input policy (`deny_classes`) refuses a request
 with 400 and a reason code before any compute; an optional response cache answers a repeated request
-(same version, parameters and seeds) with the same bytes, marked `X-Cache: hit`.
+(same version, parameters and seeds) with the same bytes, marked `X-Cache: hit`. Tenants (named by
+their bearer tokens) have image quotas (429 with Retry-After) and tiers: requests waiting for the
+samplers are admitted high tier first (dtrain.serving.tenancy).
 """
 # No `from __future__ import annotations` here: FastAPI must see the real request types.
 import asyncio
@@ -47,11 +49,12 @@ from dtrain.generation import nfe
 from dtrain.images import png_bytes
 from dtrain.provenance import ProvenanceSigner, signer_for_serving
 from dtrain.serving.auth import BearerAuth
-from dtrain.serving.config import ServeArgs
+from dtrain.serving.config import ServeArgs, TenantPolicy
 from dtrain.serving.docs import serve_docs_offline
 from dtrain.serving.metrics import IngressMetrics
 from dtrain.serving.jobs import Cancelled, JobBoard, follow
 from dtrain.serving.sampler import Job, Sampler, replica_gpus
+from dtrain.serving.tenancy import PriorityGate, Quotas
 from dtrain.serving.schemas import DetectRequest, DetectResponse, GenerateRequest, GenerateResponse, Health, JobState
 from dtrain.watermark import decode_for_model, key_for_serving
 
@@ -109,6 +112,9 @@ class Ingress:
         self.metrics = IngressMetrics(next(iter(catalog)))
         self.in_flight = 0
         self.cache = TTLCache(args.cache_entries, args.cache_ttl_s) if args.cache_entries else None
+        most = args.num_replicas or args.autoscaling.max_replicas
+        self.gate = PriorityGate(args.admit_images or most * 2 * args.max_batch_images)
+        self.quotas = Quotas()
         app.state.metrics = self.metrics
         logger.info(f"ingress for {sorted(catalog)}: auth {'on' if self.auth.enabled else 'off'}, "
                     f"watermark {self.key_id or 'off'}, provenance {'signed' if signer else 'off'}")
@@ -148,6 +154,30 @@ class Ingress:
                     raise self._overloaded("replica_lost") from None
                 logger.warning("a sampler replica died during a request: retrying it on another")
 
+    async def _sample(self, plan: Plan, tenant: str, timeout_s: Optional[float] = None) -> Any:
+        """The plan's images from a sampler, once the priority gate admits them (by the tenant's tier)."""
+        timeout_s = timeout_s or self.args.request_timeout_s
+        images, start = len(plan.job.seeds), time.monotonic()
+        try:
+            await asyncio.wait_for(self.gate.acquire(self._policy(tenant).tier, images), timeout_s)
+        except asyncio.TimeoutError:
+            raise self._overloaded("timeout") from None
+        try:
+            left = max(0.001, timeout_s - (time.monotonic() - start))
+            return await self._call("__call__", plan.job, model_id=plan.model_id, timeout_s=left)
+        finally:
+            self.gate.release(images)
+
+    def _policy(self, tenant: str) -> TenantPolicy:
+        return self.args.tenants.get(tenant, self.args.default_tenant)
+
+    def _check_quota(self, tenant: str, images: int) -> None:
+        wait = self.quotas.take(tenant, self._policy(tenant).images_per_minute, images)
+        if wait is not None:
+            logger.info(f"refused: tenant {tenant!r}, {images} image(s): quota")
+            raise self._refuse(429, "quota", {"code": "quota", "message": f"over the quota of {tenant}: retry "
+                                              f"after {wait} s"}, {"Retry-After": str(wait)})
+
     def _route(self, req: GenerateRequest) -> tuple[str, str, bool]:
         """(model, version, fallback used) for a request: as named, else the default or a canary share;
         the spike fallback when the request allows it and the ingress holds more than its threshold."""
@@ -182,15 +212,16 @@ class Ingress:
     @app.post("/v1/generate", response_model=GenerateResponse,
               responses={400: {"description": "Refused by the input policy: detail.code says why"},
                          401: {"description": "Missing or unknown bearer token"},
+                         429: {"description": "Over the tenant's quota: retry after Retry-After seconds"},
                          503: {"description": "Overloaded or timed out: retry after Retry-After seconds"}})
     async def generate(self, req: GenerateRequest, response: Response,
                        creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> GenerateResponse:
         started = time.perf_counter()
-        self._authorize(creds)
+        tenant = self._authorize(creds)
         self._check_policy(req)
         self.in_flight += 1  # this request included: what the spike fallback's threshold counts
         try:
-            return await self._generate(req, response, started)
+            return await self._generate(req, response, started, tenant)
         finally:
             self.in_flight -= 1
 
@@ -220,8 +251,9 @@ class Ingress:
         seeds = tuple(range(req.seed, req.seed + req.num_images))
         return Plan(name, version, fallback, info, Job(req.class_label, seeds, sampler, steps, guidance))
 
-    async def _generate(self, req: GenerateRequest, response: Response, started: float) -> GenerateResponse:
+    async def _generate(self, req: GenerateRequest, response: Response, started: float, tenant: str) -> GenerateResponse:
         plan = self._plan(req)
+        self._check_quota(tenant, len(plan.job.seeds))
         # everything the bytes depend on: the version's checkpoint and every generation parameter
         key = (self.args.models[plan.name].versions[plan.version], plan.fallback, plan.job, self.key_id)
         if self.cache is not None:
@@ -230,7 +262,7 @@ class Ingress:
             response.headers["X-Cache"] = "miss" if hit is None else "hit"
             if hit is not None:
                 return hit
-        images = await self._call("__call__", plan.job, model_id=plan.model_id)
+        images = await self._sample(plan, tenant)
         answer = await self._answer(plan, images, started)
         if self.cache is not None:
             self.cache[key] = answer
@@ -267,6 +299,7 @@ class Ingress:
     @app.post("/v1/jobs", status_code=202, response_model=JobState,
               responses={400: {"description": "Refused by the input policy: detail.code says why"},
                          401: {"description": "Missing or unknown bearer token"},
+                         429: {"description": "Over the tenant's quota: retry after Retry-After seconds"},
                          503: {"description": "Too many jobs kept: retry after Retry-After seconds"}})
     async def submit_job(self, req: GenerateRequest,
                          creds: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> dict:
@@ -275,19 +308,20 @@ class Ingress:
         owner = self._authorize(creds)
         self._check_policy(req)
         plan = self._plan(req)
+        self._check_quota(owner, req.num_images)
         job_id = uuid.uuid4().hex
         job = dataclasses.replace(plan.job, job_id=job_id)
         if not await self.board.create.remote(job_id, owner, job.steps, nfe(job.steps, 1.0, job.sampler)):
             raise self._overloaded("jobs_full")
-        task = asyncio.ensure_future(self._run_job(dataclasses.replace(plan, job=job)))
+        task = asyncio.ensure_future(self._run_job(dataclasses.replace(plan, job=job), owner))
         self.jobs.add(task)  # held, or the loop may drop the task
         task.add_done_callback(self.jobs.discard)
         return await self.board.get.remote(job_id, owner, False)
 
-    async def _run_job(self, plan: Plan) -> None:
+    async def _run_job(self, plan: Plan, tenant: str) -> None:
         job_id, started = plan.job.job_id, time.perf_counter()
         try:
-            out = await self._call("__call__", plan.job, model_id=plan.model_id, timeout_s=self.args.job_timeout_s)
+            out = await self._sample(plan, tenant, timeout_s=self.args.job_timeout_s)
             if isinstance(out, Cancelled):
                 await self.board.finish.remote(job_id, "cancelled", cancelled=out)
             else:

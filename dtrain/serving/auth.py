@@ -1,6 +1,8 @@
-"""Optional bearer-token auth for the ingress. Tokens come from a file (one per line, # comments)
-and/or an environment variable (comma-separated), read inside the replica so they never travel in
-the deployment's arguments. Only SHA-256 digests are kept; they are compared in constant time."""
+"""Optional bearer-token auth for the ingress. Tokens come from a file (one per line, `TOKEN` or
+`TOKEN TENANT`, # comments) and/or an environment variable (comma-separated, `TOKEN` or
+`TOKEN=TENANT`), read inside the replica so they never travel in the deployment's arguments. Only
+SHA-256 digests are kept; they are compared in constant time. A token's tenant names it for quotas,
+tiers and job ownership; an unnamed token is its own tenant."""
 from __future__ import annotations
 
 import hashlib
@@ -16,26 +18,30 @@ def _digest(token: str) -> bytes:
 
 class BearerAuth:
     def __init__(self, tokens_file: Optional[str], tokens_env: str):
-        tokens = [t.strip() for t in os.environ.get(tokens_env, "").split(",")]
+        entries = [t.strip().partition("=")[::2] for t in os.environ.get(tokens_env, "").split(",")]
         if tokens_file:
             lines = Path(tokens_file).read_text().splitlines()
-            tokens += [line.strip() for line in lines if not line.lstrip().startswith("#")]
-        self._digests = [_digest(t) for t in tokens if t]
+            entries += [(f + [""])[:2] for f in (line.split(None, 1) for line in lines)
+                        if f and not f[0].startswith("#")]
+        self._tenants = {_digest(token): name.strip() or _digest(token).hex()[:16] for token, name in entries if token}
 
     @property
     def enabled(self) -> bool:
-        return bool(self._digests)
-
-    def tenant(self, token: Optional[str]) -> str:
-        """Who a caller is, for owning jobs: a digest of its token (never the token), "anonymous" without auth."""
-        return _digest(token).hex()[:16] if self._digests and token else "anonymous"
+        return bool(self._tenants)
 
     def allows(self, token: Optional[str]) -> bool:
         """True when auth is off, or `token` (of an `Authorization: Bearer <token>` header) is known."""
-        if not self._digests:
-            return True
+        return not self._tenants or self.tenant(token) is not None
+
+    def tenant(self, token: Optional[str]) -> Optional[str]:
+        """The token's tenant ("anonymous" when auth is off), None for an unknown token."""
+        if not self._tenants:
+            return "anonymous"
         if not token:
-            return False
+            return None
         given = _digest(token)
-        # every digest compared, so the time taken says nothing about which token came close
-        return sum(hmac.compare_digest(given, d) for d in self._digests) > 0
+        found = None
+        for digest, name in self._tenants.items():  # every digest compared: the time says nothing of which matched
+            if hmac.compare_digest(given, digest):
+                found = name
+        return found

@@ -53,6 +53,14 @@ class Fallback(_Strict):
     when_in_flight_over: int = Field(ge=0)
 
 
+class TenantPolicy(_Strict):
+    """What one tenant (named by its bearer token) may use."""
+    tier: Literal["high", "standard", "low"] = Field("standard", description="waiting requests are admitted "
+                                                                            "to the samplers high tier first")
+    images_per_minute: Optional[int] = Field(None, ge=1, description="quota over a moving minute; beyond it 429 "
+                                                                     "with Retry-After (None: no quota)")
+
+
 class ModelSpec(_Strict):
     """One model of the registry: its versions (version -> checkpoint), the default, and optionally a
     canary split and a fallback for spikes."""
@@ -105,6 +113,13 @@ class ServeArgs(_Strict):
     cache_entries: int = Field(0, ge=0, description="response cache per ingress replica (0: off): the same request "
                                                     "to the same version returns the same bytes without compute")
     cache_ttl_s: float = Field(600.0, gt=0, description="how long a cached response is served")
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict, description="tenant (`TOKEN TENANT` in the "
+                                                                              "tokens file) -> tier and quota")
+    default_tenant: TenantPolicy = Field(default_factory=TenantPolicy, description="the policy of every other "
+                                                                                   "caller (all of them without auth)")
+    admit_images: Optional[int] = Field(None, ge=1, description="images an ingress sends to the samplers at once; "
+                                                                "the rest wait by tier. Default: what the samplers "
+                                                                "hold at max replicas")
     job_ttl_s: float = Field(600.0, gt=0, description="how long a finished job's state and images stay retrievable")
     max_jobs: int = Field(1000, ge=1, description="jobs kept (running and finished) beyond which a new one gets 503")
     job_timeout_s: float = Field(600.0, gt=0, description="a job still running after this fails")
