@@ -407,6 +407,21 @@ def bench_scaling(as_json, width, depth, attn_every, repeats):
     click.echo(emit(rows, as_json, summary))
 
 
+@bench.command("objectives")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--config", default="configs/quickstart.yaml", show_default=True, type=click.Path(exists=True))
+@click.option("--steps", default=20, show_default=True, help="Timed steps per objective (the median is kept).")
+@click.argument("overrides", nargs=-1)
+def bench_objectives(as_json, config, steps, overrides):
+    """Milliseconds per training step of one model under each objective: flow matching, MeanFlow (JVP
+    forward-mode and by double backward), consistency distillation."""
+    from dtrain.bench import emit
+    from dtrain.bench.objectives import run
+
+    rows, summary = run(config, tuple(overrides), steps=steps)
+    click.echo(emit(rows, as_json, summary))
+
+
 @bench.command("train")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--steps", default=100, show_default=True)

@@ -32,6 +32,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # MLP width / hidden size
     qk_norm: bool = False  # RMS-normalise queries and keys (stabilises large models in bf16)
     attn_every: int = -1  # ssm only: every k-th block is attention, 0 = pure SSM, -1 = the size's own
+    flow_map: bool = False  # a second time input s: the net is a flow map u(x, t, s) (objective mean_flow)
 
 
 @dataclass
@@ -46,10 +47,14 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "rectified_flow"  # a key of dtrain.diffusion.OBJECTIVES: rectified_flow | ddpm
+    name: str = "rectified_flow"  # a key of dtrain.diffusion.OBJECTIVES: rectified_flow | ddpm | mean_flow
     time_sampling: str = "logit_normal"  # how t is drawn in training: uniform | logit_normal (SD3)
     prediction: str = "eps"  # ddpm only: what the net predicts, eps | v | x0 (rectified flow predicts velocity)
     schedule: str = "cosine"  # ddpm only: noise schedule, cosine | vp_linear
+    # mean_flow only (a one-step flow map, dtrain.diffusion.meanflow; needs model.flow_map=true):
+    jump_share: float = 0.25  # share of samples trained on a jump s > t (the rest: s = t, flow matching)
+    jvp: str = "forward"  # the total derivative du/dt: forward (torch.func.jvp) | double_backward
+    adaptive_p: float = 1.0  # loss weight 1 / (error + 1e-3)^p (MeanFlow's adaptive weighting; 0 = plain MSE)
 
 
 @dataclass
@@ -117,7 +122,7 @@ class TrackingConfig:
 @dataclass
 class SampleConfig:
     steps: int = 16  # solver steps
-    sampler: str = "euler"  # euler | heun (2nd order) | ddim (DDPM models); see dtrain.diffusion.samplers
+    sampler: str = "euler"  # euler | heun (2nd order) | ddim (DDPM models) | flow_map; see dtrain.diffusion.samplers
     guidance: float = 2.0  # classifier-free guidance scale (1 = off)
     per_class: int = 8  # samples per class in a grid
 
@@ -301,6 +306,11 @@ def validate(cfg: Config) -> None:
     _check(st.teacher_solver in ("euler", "heun"), "stage.teacher_solver", f"'{st.teacher_solver}' is not euler or heun")
     _check(0.0 <= st.target_decay < 1.0, "stage.target_decay", "must be in [0, 1)")
     _check(1 <= st.intervals[0] <= st.intervals[1], "stage.intervals", f"{list(st.intervals)}: need 1 <= start <= end")
+    _check((o.name == "mean_flow") <= m.flow_map, "model.flow_map", "objective mean_flow trains a flow map: "
+           "set model.flow_map=true")
+    _check(cfg.sample.sampler != "flow_map" or m.flow_map, "sample.sampler", "flow_map needs model.flow_map=true")
+    _check(0.0 <= o.jump_share <= 1.0, "objective.jump_share", "must be in [0, 1]")
+    _check(o.jvp in ("forward", "double_backward"), "objective.jvp", f"'{o.jvp}' is not forward or double_backward")
     _check(cfg.sample.sampler in SAMPLERS, "sample.sampler", f"'{cfg.sample.sampler}' is not one of {', '.join(SAMPLERS)}")
     _check(cfg.objective.time_sampling in ("uniform", "logit_normal"), "objective.time_sampling",
            "must be uniform or logit_normal")

@@ -20,7 +20,7 @@ from dtrain.checkpoint import CheckpointError
 from dtrain.data.latents import decode_latents, load_vae
 from dtrain.diffusion import prediction_and_path
 from dtrain.diffusion.parameterization import Denoiser
-from dtrain.diffusion.samplers import guided, initial_noise, sample
+from dtrain.diffusion.samplers import guided, initial_noise, sample, sample_flow_map, sampling_times
 from dtrain.diffusion.samplers import nfe as solver_nfe
 from dtrain.images import grid, to_uint8
 from dtrain.models import build_model
@@ -84,7 +84,7 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
     run = _in_dtype(net, dtype)
     device = next(run.parameters()).device
     # t stays float32: the timestep embedding computes its sinusoids in float32 itself
-    net_fn = lambda x, t, c: run(x.to(dtype), t, c).float()  # noqa: E731
+    net_fn = lambda x, t, c, s=None: (run(x.to(dtype), t, c) if s is None else run(x.to(dtype), t, c, s)).float()  # noqa: E731
     if live is not None:
         net_fn = _only_live(net_fn, live)
     prediction, path = prediction_and_path(cfg.objective)
@@ -93,6 +93,13 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
     was_training = run.training
     run.eval()  # in train mode the label embedder drops labels at random (CFG training): never when sampling
     try:
+        if sampler == "flow_map":
+            if not m.flow_map:
+                raise ValueError("sampler flow_map needs a flow map (model.flow_map=true): this net predicts "
+                                 "a velocity only")
+            with torch.no_grad():
+                return sample_flow_map(net_fn, labels.to(device), guidance, m.num_classes, noise,
+                                       sampling_times(path, steps).to(device)).cpu()
         denoiser = Denoiser(guided(net_fn, labels.to(device), guidance, m.num_classes), prediction, path)
         # the consistency sampler's fresh noise at step k, per image from its seed alone
         renoise = lambda k: initial_noise(noise.shape[1:], [(s * 1_000_003 + k) % 2**63 for s in seeds])  # noqa: E731
@@ -104,14 +111,14 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
 def _only_live(net_fn, live: Callable[[], torch.Tensor]):
     """net_fn on the rows `live()` keeps, zeros elsewhere: a cancelled image stops costing compute
     while the rest of its batch runs on. Guidance runs a doubled batch: the mask repeats."""
-    def fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
         keep = live()
         if bool(keep.all()):
-            return net_fn(x, t, c)
+            return net_fn(x, t, c, s)
         keep = keep.to(x.device).repeat(x.shape[0] // len(keep))
         out = torch.zeros_like(x)
         if bool(keep.any()):
-            out[keep] = net_fn(x[keep], t[keep], c[keep])
+            out[keep] = net_fn(x[keep], t[keep], c[keep], None if s is None else s[keep])
         return out
     return fn
 

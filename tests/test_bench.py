@@ -79,3 +79,14 @@ def test_serve_bench_summaries():
     watch = [(0.0, 1), (1.0, 1), (2.0, 2), (3.5, 4), (4.0, 4)]
     assert time_to_max(watch, spike_at=1.0, most=4) == pytest.approx(2.5)
     assert time_to_max(watch, spike_at=1.0, most=5) is None
+
+
+def test_bench_objectives_times_each_objective_on_one_model():
+    from dtrain.bench.objectives import run
+
+    rows, summary = run(overrides=("model.size=tiny", "data.batch_size=4"), steps=1, warmup=0)
+    assert [(r["objective"], r["how"]) for r in rows] == [
+        ("flow matching", ""), ("mean flow", "forward"), ("mean flow", "double_backward"),
+        ("consistency distillation", "heun teacher")]
+    assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["vs_flow_matching"] == 1.0
+    assert summary["model"] == "dit/tiny"

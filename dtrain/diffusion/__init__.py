@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dtrain.diffusion.ddpm import DDPMLoss
 from dtrain.diffusion.flow import RectifiedFlowLoss
+from dtrain.diffusion.meanflow import MeanFlowLoss
 
-OBJECTIVES = {"rectified_flow": RectifiedFlowLoss, "ddpm": DDPMLoss}
+OBJECTIVES = {"rectified_flow": RectifiedFlowLoss, "ddpm": DDPMLoss, "mean_flow": MeanFlowLoss}
 
 
 def _objective_class(objective_cfg):

@@ -14,7 +14,7 @@ from dtrain.diffusion.parameterization import Denoiser
 from dtrain.diffusion.paths import PATHS
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("euler", "heun", "ddim", "consistency")
+SAMPLERS = ("euler", "heun", "ddim", "consistency", "flow_map")
 
 
 def flow_times(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -88,7 +88,7 @@ def sample_consistency(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor,
 
 def nfe(sampler: str, steps: int, guidance: float) -> int:
     """Network evaluations per image for `steps` steps of `sampler`; guidance != 1 doubles them."""
-    per_image = {"euler": steps, "heun": 2 * steps - 1, "ddim": steps, "consistency": steps}
+    per_image = {"euler": steps, "heun": 2 * steps - 1, "ddim": steps, "consistency": steps, "flow_map": steps}
     if sampler not in per_image:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     return per_image[sampler] * (1 if guidance == 1.0 else 2)
@@ -101,6 +101,8 @@ def sample(sampler: str, denoiser: Denoiser, x: torch.Tensor, steps: int, shift:
     renoise(k): the fresh noise [B, ...] the consistency sampler adds at its step k (default: random)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if sampler == "flow_map":
+        raise ValueError("the flow_map sampler needs the net's second time: sample through generation.solve")
     ts = sampling_times(denoiser.path, steps, shift).to(x.device)
     if sampler == "ddim":
         return sample_ddim(denoiser, x, ts)
@@ -125,6 +127,16 @@ def invert(denoiser: Denoiser, x: torch.Tensor, steps: int, shift: float = 1.0, 
         x = path.alpha(t) * (known - path.sigma(t_data) * eps) / path.alpha(t_data) + path.sigma(t) * eps
         for _ in range(refine):
             x = x - (ddim_step(denoiser, x, t, t_data) - known)
+    return x
+
+
+def sample_flow_map(net, cond: torch.Tensor, guidance: float, null_label: int, x: torch.Tensor,
+                    ts: torch.Tensor) -> torch.Tensor:
+    """A flow map's jumps x_s = x_t + (s - t) u(x_t, t, s) between consecutive times (one step: x_1 =
+    x_0 + u(x_0, 0, 1)). net(x, t, cond, s) -> u; guidance mixes the conditional and unconditional u."""
+    for t, s in zip(ts[:-1], ts[1:]):
+        u = guided(lambda x_, t_, c_: net(x_, t_, c_, torch.full_like(t_, float(s))), cond, guidance, null_label)
+        x = x + (s - t) * u(x, t.expand(x.shape[0]).to(x))
     return x
 
 

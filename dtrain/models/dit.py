@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dtrain.models.layers import (Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
                                   TimestepEmbedder, init_backbone_, modulate, sincos_pos_embed_2d,
-                                  unpatchify, zero_)
+                                  span_condition, span_embedding, unpatchify, zero_)
 
 
 class DiTBlock(nn.Module):
@@ -36,7 +36,8 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     def __init__(self, image_size: int, in_channels: int, patch_size: int, hidden_size: int,
                  depth: int, num_heads: int, num_classes: int, class_dropout: float = 0.1,
-                 mlp_ratio: float = 4.0, qk_norm: bool = False, grad_checkpointing: bool = False):
+                 mlp_ratio: float = 4.0, qk_norm: bool = False, grad_checkpointing: bool = False,
+                 flow_map: bool = False):
         super().__init__()
         self.in_channels, self.patch_size = in_channels, patch_size
         self.grid = image_size // patch_size
@@ -44,17 +45,21 @@ class DiT(nn.Module):
         self.x_embed = PatchEmbed(in_channels, patch_size, hidden_size)
         self.t_embed = TimestepEmbedder(hidden_size)
         self.y_embed = LabelEmbedder(num_classes, hidden_size, class_dropout)
+        self.span_embed = span_embedding(hidden_size, flow_map)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final = FinalLayer(hidden_size, patch_size, in_channels)
         init_backbone_(self)
         # adaLN-Zero: every block starts as the identity and the output layer at zero.
-        zero_(*(b.adaLN[-1] for b in self.blocks), self.final.linear, self.final.adaLN[-1])
+        zero_(*(b.adaLN[-1] for b in self.blocks), self.final.linear, self.final.adaLN[-1],
+              *([self.span_embed.mlp[-1]] if flow_map else []))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W], t [B] in [0, 1], cond [B] class labels -> [B, C, H, W]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                s: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W], t [B] in [0, 1], cond [B] class labels -> [B, C, H, W]; a flow map also takes
+        the time s [B] it jumps to (None: s = t, its velocity)."""
         h = self.x_embed(x) + self.pos_embed.to(x.dtype)  # [B, N, D]
-        c = self.t_embed(t) + self.y_embed(cond)  # [B, D]
+        c = self.t_embed(t) + self.y_embed(cond) + span_condition(self, t, s)  # [B, D]
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 h = checkpoint(block, h, c, use_reentrant=False)
@@ -87,4 +92,4 @@ def build(m) -> DiT:
     return DiT(image_size=m.image_size, in_channels=m.in_channels, patch_size=m.patch_size,
                hidden_size=m.hidden_size or size.hidden_size, depth=m.depth or size.depth,
                num_heads=m.num_heads or size.num_heads, num_classes=m.num_classes,
-               class_dropout=m.class_dropout, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm)
+               class_dropout=m.class_dropout, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm, flow_map=m.flow_map)

@@ -29,6 +29,23 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
+def span_embedding(hidden: int, flow_map: bool) -> nn.Module | None:
+    """A flow map's second time, embedded as the span s - t (MeanFlow embeds t - r) and added to the
+    conditioning; its output layer is zeroed after the backbone's init (`zero_span`), so a flow-map net
+    starts as the velocity net it may be initialised from: u(x, t, t) = v(x, t)."""
+    return TimestepEmbedder(hidden) if flow_map else None
+
+
+def span_condition(module: nn.Module, t: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor | float:
+    """What the span adds to the conditioning c [B, D]: 0 for a velocity net (s must be None)."""
+    if module.span_embed is None:
+        if s is not None:
+            raise ValueError("this net takes one time (a velocity net): build it with model.flow_map=true "
+                             "to give it a second")
+        return 0.0
+    return module.span_embed(torch.zeros_like(t) if s is None else s - t)
+
+
 class LabelEmbedder(nn.Module):
     """Class labels -> vectors. Index num_classes is the null label; in training each label is
     replaced by it with probability `dropout`, which is what classifier-free guidance needs."""

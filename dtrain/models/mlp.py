@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dtrain.models.layers import LabelEmbedder, TimestepEmbedder, init_backbone_, zero_
+from dtrain.models.layers import LabelEmbedder, TimestepEmbedder, init_backbone_, span_condition, span_embedding, zero_
 
 
 def _modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -38,26 +38,30 @@ class MLPBlock(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden_size: int, depth: int, num_classes: int,
-                 class_dropout: float = 0.1, mlp_ratio: float = 4.0):
+                 class_dropout: float = 0.1, mlp_ratio: float = 4.0, flow_map: bool = False):
         super().__init__()
         self.dim = dim
         self.x_embed = nn.Linear(dim, hidden_size)
         self.t_embed = TimestepEmbedder(hidden_size)
         self.y_embed = LabelEmbedder(num_classes, hidden_size, class_dropout)  # null label = num_classes
+        self.span_embed = span_embedding(hidden_size, flow_map)
         self.blocks = nn.ModuleList(MLPBlock(hidden_size, mlp_ratio) for _ in range(depth))
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.final = nn.Linear(hidden_size, dim)
         init_backbone_(self)
         # adaLN-Zero: every block starts as the identity and the output layer at zero.
-        zero_(*(b.adaLN[-1] for b in self.blocks), self.final_adaLN[-1], self.final)
+        zero_(*(b.adaLN[-1] for b in self.blocks), self.final_adaLN[-1], self.final,
+              *([self.span_embed.mlp[-1]] if flow_map else []))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x [B, ...] with prod(...) = dim, t [B] in [0, 1], cond [B] class labels -> x's shape."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                s: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, ...] with prod(...) = dim, t [B] in [0, 1], cond [B] class labels -> x's shape; a flow
+        map also takes the time s [B] it jumps to (None: s = t)."""
         if x[0].numel() != self.dim:
             raise ValueError(f"mlp backbone built for {self.dim} features per sample, got shape {tuple(x.shape[1:])}")
         h = self.x_embed(x.flatten(1))  # [B, H]
-        c = self.t_embed(t) + self.y_embed(cond)  # [B, H]
+        c = self.t_embed(t) + self.y_embed(cond) + span_condition(self, t, s)  # [B, H]
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.final_adaLN(c).chunk(2, dim=-1)
@@ -85,4 +89,4 @@ def build(m) -> MLP:
     size = SIZES[m.size]
     return MLP(dim=m.in_channels * m.image_size ** 2, hidden_size=m.hidden_size or size.hidden_size,
                depth=m.depth or size.depth, num_classes=m.num_classes, class_dropout=m.class_dropout,
-               mlp_ratio=m.mlp_ratio)
+               mlp_ratio=m.mlp_ratio, flow_map=m.flow_map)

@@ -117,11 +117,11 @@ class SSMHybrid(DiT):
                  depth: int, num_heads: int, num_classes: int, class_dropout: float = 0.1,
                  mlp_ratio: float = 4.0, qk_norm: bool = False, grad_checkpointing: bool = False,
                  attn_every: int = 4, d_state: int = 64, head_dim: int = 64, expand: int = 2,
-                 scan_orders: tuple[str, ...] = ("row", "col", "zigzag")):
+                 scan_orders: tuple[str, ...] = ("row", "col", "zigzag"), flow_map: bool = False):
         super().__init__(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
                          hidden_size=hidden_size, depth=0, num_heads=num_heads, num_classes=num_classes,
                          class_dropout=class_dropout, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
-                         grad_checkpointing=grad_checkpointing)
+                         grad_checkpointing=grad_checkpointing, flow_map=flow_map)
         orders = itertools.cycle(scan_orders)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) if attn_every and (i + 1) % attn_every == 0
@@ -163,4 +163,4 @@ def build(m) -> SSMHybrid:
                      num_heads=m.num_heads or size.num_heads, num_classes=m.num_classes,
                      class_dropout=m.class_dropout, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                      attn_every=size.attn_every if m.attn_every < 0 else m.attn_every,
-                     d_state=size.d_state, head_dim=size.head_dim)
+                     d_state=size.d_state, head_dim=size.head_dim, flow_map=m.flow_map)

@@ -77,7 +77,7 @@ def train_func(cfg_dict: dict) -> None:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         net = build_model(cfg.model)
         if ckpt is None and stage.parent:
-            net.load_state_dict(stage.initial_weights())  # a later stage starts from its parent's EMA weights
+            stage.load_parent(net)  # a later stage starts from its parent's EMA weights
         n_params = count_params(net)  # before ZeRO-3 empties the partitioned tensors
         net.grad_checkpointing = t.activation_checkpointing
         resolved = replace(cfg, train=replace(t, precision=precision.precision))
@@ -91,8 +91,8 @@ def train_func(cfg_dict: dict) -> None:
     loss_fn = stage.objective
     accum, global_batch = t.grad_accum_steps, cfg.data.batch_size * t.grad_accum_steps * world
 
-    def model_fn(x, tt, cond):  # the objective sees fp32 in and out, whatever the precision
-        return engine(x.to(dtype), tt, cond).float()
+    def model_fn(x, tt, cond, s=None):  # the objective sees fp32 in and out, whatever the precision
+        return (engine(x.to(dtype), tt, cond) if s is None else engine(x.to(dtype), tt, cond, s)).float()
 
     if universal and rank == 0:
         print(f"[dtrain] resumed at step {start} on {world} workers from a universal checkpoint; "

@@ -49,6 +49,15 @@ class Stage:
     def initial_weights(self) -> dict[str, torch.Tensor] | None:
         return ckpt_io.read_weights(ckpt_io.resolve(self.parent)) if self.parent else None
 
+    def load_parent(self, net: torch.nn.Module) -> None:
+        """The parent's weights into `net`. A flow map may start from a velocity net: its span embedding
+        (zero output, so u(x, t, s) = v(x, t) at first) is the one thing the parent lacks."""
+        missing, unexpected = net.load_state_dict(self.initial_weights(), strict=False)
+        missing = [k for k in missing if not k.startswith("span_embed.")]
+        if missing or unexpected:
+            raise ValueError(f"parent {self.parent} does not fit this net: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]} (model config differs)")
+
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (a consistency stage updates its target network here)."""
 
@@ -91,7 +100,7 @@ class Distill(Stage):
             torch.manual_seed(cfg.train.seed)  # the student's own initialisation when it has no parent
             net = build_model(cfg.model)
             if self.parent:
-                net.load_state_dict(self.initial_weights())
+                self.load_parent(net)
             self.target = frozen_engine(net, cfg, world, dtype)
         target = self.target or engine
         self.objective = ConsistencyDistillation(
