@@ -53,7 +53,8 @@ class ObjectiveConfig:
     schedule: str = "cosine"  # ddpm only: noise schedule, cosine | vp_linear
     # mean_flow only (a one-step flow map, dtrain.diffusion.meanflow; needs model.flow_map=true):
     jump_share: float = 0.25  # share of samples trained on a jump s > t (the rest: s = t, flow matching)
-    jvp: str = "forward"  # the total derivative du/dt: forward (torch.func.jvp) | double_backward
+    jvp: str = "auto"  # the total derivative du/dt: forward (torch.func.jvp) | double_backward | finite_difference
+    # (fp32 only) | auto: forward, finite_difference under ZeRO-3 (which neither of the others passes)
     adaptive_p: float = 1.0  # loss weight 1 / (error + 1e-3)^p (MeanFlow's adaptive weighting; 0 = plain MSE)
 
 
@@ -310,7 +311,11 @@ def validate(cfg: Config) -> None:
            "set model.flow_map=true")
     _check(cfg.sample.sampler != "flow_map" or m.flow_map, "sample.sampler", "flow_map needs model.flow_map=true")
     _check(0.0 <= o.jump_share <= 1.0, "objective.jump_share", "must be in [0, 1]")
-    _check(o.jvp in ("forward", "double_backward"), "objective.jvp", f"'{o.jvp}' is not forward or double_backward")
+    _check(o.jvp in ("auto", "forward", "double_backward", "finite_difference"), "objective.jvp",
+           f"'{o.jvp}' is not auto, forward, double_backward or finite_difference")
+    _check(not (o.name == "mean_flow" and o.jvp in ("forward", "double_backward") and t.zero_stage == 3),
+           "objective.jvp", "under ZeRO-3 neither forward-mode AD (its partitioned linear layers have no jvp "
+           "rule) nor a double backward (it releases the weights) passes: use finite_difference, or auto")
     _check(cfg.sample.sampler in SAMPLERS, "sample.sampler", f"'{cfg.sample.sampler}' is not one of {', '.join(SAMPLERS)}")
     _check(cfg.objective.time_sampling in ("uniform", "logit_normal"), "objective.time_sampling",
            "must be uniform or logit_normal")

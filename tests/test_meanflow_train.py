@@ -13,19 +13,21 @@ from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 FLOW_MAP = ["model.flow_map=true", "objective.name=mean_flow", "sample.sampler=flow_map", "sample.steps=1",
-            "sample.guidance=1.0", "train.steps=4", "train.ckpt_every=4"]
+            "sample.guidance=1.0", "train.steps=4", "train.ckpt_every=4", "model.hidden_size=0", "model.depth=0"]
 
 
-@pytest.mark.parametrize("zero_stage,jvp", [(2, "forward"), (3, "forward"), (3, "double_backward")])
+@pytest.mark.parametrize("zero_stage,jvp", [(2, "auto"), (3, "auto")])  # forward mode at ZeRO-2, differences at 3
 def test_a_flow_map_trains_under_zero_and_samples_in_one_step(ray_cluster, digits_dir, tmp_path, tiny_checkpoint,
                                                               zero_stage, jvp):
     # ZeRO-3 runs start from a velocity parent: the flow map's span embedding is all it lacks
     parent = [f"stage.init_from={tiny_checkpoint}"] if zero_stage == 3 else []
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp_path) + FLOW_MAP + parent + [
-        f"train.zero_stage={zero_stage}", f"objective.jvp={jvp}", f"train.run_name=mf{zero_stage}{jvp[0]}"])
+        f"train.zero_stage={zero_stage}", f"objective.jvp={jvp}", f"train.run_name=mf{zero_stage}{jvp[0]}",
+        "train.precision=fp32"])
     ckpt = fit(cfg)
     meta = read_meta(ckpt)
     assert meta["step"] == 4 and meta["objective"] == "mean_flow" and meta["zero_stage"] == zero_stage
+    assert meta["jvp"] == ("finite_difference" if zero_stage == 3 else "forward")
     assert meta["parent"] == (str(tiny_checkpoint.resolve()) if parent else None)
     net, loaded = load_model(ckpt)
     assert loaded.model.flow_map and any(k.startswith("span_embed.") for k in net.state_dict())

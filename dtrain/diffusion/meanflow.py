@@ -10,11 +10,11 @@ a total derivative along the path: one Jacobian-vector product with tangent (v, 
 The loss regresses u onto stopgrad(v + (s - t) d/dt u) with the conditional velocity v = x_1 - x_0.
 At s = t it is flow matching, so u(x, t, t) is the velocity and every ODE sampler works on a flow map.
 
-The JVP runs forward-mode (torch.func.jvp) or, where forward mode cannot pass (a wrapper's custom
-autograd function without a jvp rule), by the double-backward trick: J^T w by one backward with
-create_graph, then J (v, 1) as the gradient of <J^T w, (v, 1)> with respect to w. Both run attention
-on SDPA's math kernel: the flash and memory-efficient kernels have neither a forward-mode nor a
-double-backward derivative.
+The JVP runs forward-mode (torch.func.jvp) or by the double-backward trick: J^T w by one backward with
+create_graph, then J (v, 1) as the gradient of <J^T w, (v, 1)> with respect to w. Both run attention on
+SDPA's math kernel: the flash and memory-efficient kernels have neither derivative. Under DeepSpeed
+ZeRO-3 neither passes (its partitioned linear layers are an autograd Function without a jvp rule, and it
+releases the weights the second backward needs), so there the JVP is a central difference in fp32.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dtrain.diffusion.flow import ModelFn, batch_noise, check_time_sampling, sample_time
 from dtrain.diffusion.paths import PATHS
 
-JVP_MODES = ("forward", "double_backward")
+JVP_MODES = ("forward", "double_backward", "finite_difference")  # and "auto": the stage resolves it
+FD_STEP = 1e-4  # the central difference's step: truncation (the time embedding's 1000 rad per unit t) vs fp32 rounding
 
 
 def total_derivative(fn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
@@ -35,6 +36,8 @@ def total_derivative(fn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: t
         with sdpa_kernel(SDPBackend.MATH):
             u, dudt = torch.func.jvp(fn, (x, t, s), (v, torch.ones_like(t), torch.zeros_like(s)))
         return u, dudt.detach()
+    if mode == "finite_difference":
+        return _central_difference(fn, x, t, s, v)
     if mode != "double_backward":
         raise ValueError(f"jvp mode {mode!r}: choose one of {', '.join(JVP_MODES)}")
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # gradients (also under no_grad), twice
@@ -44,6 +47,24 @@ def total_derivative(fn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: t
         gx, gt = torch.autograd.grad(u, (x, t), grad_outputs=w, create_graph=True)  # J^T w, linear in w
         (dudt,) = torch.autograd.grad((gx, gt), w, grad_outputs=(v, torch.ones_like(t)))  # J (v, 1)
     return u, dudt.detach()
+
+
+def _central_difference(fn, x, t, s, v):
+    """(u, (u(x + h v, t + h) - u(x - h v, t - h)) / 2h): two more forward passes without a graph, for
+    engines that neither forward-mode AD nor a second backward can pass (DeepSpeed ZeRO-3). Every call
+    draws the same random numbers (the label dropout), so the difference sees one function."""
+    cpu = torch.get_rng_state()
+    gpu = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def call(*args):
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state_all(gpu)
+        return fn(*args)
+
+    with torch.no_grad():
+        plus, minus = call(x + FD_STEP * v, t + FD_STEP, s), call(x - FD_STEP * v, t - FD_STEP, s)
+    return call(x, t, s), (plus - minus) / (2 * FD_STEP)
 
 
 class MeanFlowLoss:
@@ -56,7 +77,7 @@ class MeanFlowLoss:
     def __init__(self, time_sampling: str = "logit_normal", jump_share: float = 0.25, jvp: str = "forward",
                  adaptive_p: float = 1.0):
         check_time_sampling(time_sampling)
-        if jvp not in JVP_MODES:
+        if jvp not in (*JVP_MODES, "auto"):
             raise ValueError(f"jvp mode {jvp!r}: choose one of {', '.join(JVP_MODES)}")
         self.time_sampling, self.jump_share, self.jvp, self.adaptive_p = time_sampling, jump_share, jvp, adaptive_p
 

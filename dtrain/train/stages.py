@@ -24,6 +24,7 @@ from dtrain.data.shards import CorruptShards, DataError, expand_urls, train_batc
 from dtrain.diffusion import build_objective
 from dtrain.diffusion.consistency import ConsistencyDistillation, intervals_at
 from dtrain.diffusion.flow import RectifiedFlowLoss
+from dtrain.diffusion.meanflow import MeanFlowLoss
 
 PAIRS_FILE = "pairs.json"  # beside pair shards: the teacher and sampler that made them (dtrain.train.pairs)
 
@@ -66,7 +67,21 @@ class Stage:
 
 
 def pretrain(cfg) -> Stage:
-    return Stage("pretrain", build_objective(cfg.objective), parent=_parent(cfg))
+    objective = build_objective(cfg.objective)
+    if not isinstance(objective, MeanFlowLoss):
+        return Stage("pretrain", objective, parent=_parent(cfg))
+    if objective.jvp == "auto":  # neither forward mode nor a second backward passes ZeRO-3 (dtrain.diffusion.meanflow)
+        objective.jvp = "finite_difference" if cfg.train.zero_stage == 3 else "forward"
+    return FlowMap("pretrain", objective, parent=_parent(cfg), lineage={"jvp": objective.jvp})
+
+
+class FlowMap(Stage):
+    """A flow map (MeanFlow) trained like any pretraining; its JVP by finite differences needs fp32."""
+
+    def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int) -> None:
+        if self.objective.jvp == "finite_difference" and dtype != torch.float32:
+            raise ValueError(f"the flow map's JVP by finite differences (ZeRO-3) needs train.precision=fp32, not "
+                             f"{cfg.train.precision}: a difference quotient of {dtype} outputs is noise")
 
 
 def reflow(cfg) -> Stage:
