@@ -8,7 +8,7 @@ from dtrain.diffusion.ddpm import DDPMLoss
 from dtrain.diffusion.flow import RectifiedFlowLoss, sample_time
 from dtrain.diffusion.parameterization import PREDICTIONS, Denoiser, from_x_eps, to_velocity, to_x_eps
 from dtrain.diffusion.paths import PATHS
-from dtrain.diffusion.samplers import (SAMPLERS, flow_times, generate, guided, initial_noise, nfe, sample,
+from dtrain.diffusion.samplers import (ODE_SAMPLERS, flow_times, generate, guided, initial_noise, nfe, sample,
                                        sample_euler, sample_heun, sampling_times)
 
 # (path, prediction) pairs a sampler can use from t_min: v needs a VP path; eps on the linear path
@@ -110,7 +110,7 @@ def test_conversions_round_trip(name, prediction):
     assert torch.allclose(torch.stack(to_x_eps("velocity", u, x, t, path)), torch.stack([x_hat, eps_hat]))
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", ODE_SAMPLERS)
 @pytest.mark.parametrize("name,prediction", PAIRS)
 def test_samplers_reach_a_point_mass_from_the_exact_net(sampler, name, prediction):
     c = torch.randn(1, 1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -155,7 +155,7 @@ def test_heun_beats_euler_on_a_gaussian():
     assert err["sample_heun", 16] < err["sample_heun", 8] / 3, err  # second order: halving h quarters it
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", ODE_SAMPLERS)
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_nfe_counts_network_evaluations(sampler, guidance):
     rows = []

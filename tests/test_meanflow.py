@@ -141,3 +141,15 @@ def test_configs_that_cannot_train_a_flow_map_are_refused():
         with pytest.raises(ConfigError, match="ZeRO-3"):
             load_config(None, ["model.flow_map=true", "objective.name=mean_flow", f"objective.jvp={jvp}",
                                "train.zero_stage=3"])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_the_flow_map_sampler_spends_the_network_evaluations_nfe_counts(guidance):
+    rows = []
+
+    def net(x, t, c, s):
+        rows.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    sample_flow_map(net, torch.zeros(5, dtype=torch.long), guidance, 10, torch.randn(5, 2), torch.tensor([0.0, 0.5, 1.0]))
+    assert sum(rows) / 5 == nfe("flow_map", 2, guidance)

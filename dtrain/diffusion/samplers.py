@@ -14,7 +14,8 @@ from dtrain.diffusion.parameterization import Denoiser
 from dtrain.diffusion.paths import PATHS
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("euler", "heun", "ddim", "consistency", "flow_map")
+ODE_SAMPLERS = ("euler", "heun", "ddim", "consistency")  # what `sample` runs, on any Denoiser
+SAMPLERS = (*ODE_SAMPLERS, "flow_map")  # flow_map needs a flow-map net's second time: generation.solve
 
 
 def flow_times(steps: int, shift: float = 1.0) -> torch.Tensor:
