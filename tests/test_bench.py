@@ -87,6 +87,6 @@ def test_bench_objectives_times_each_objective_on_one_model():
     rows, summary = run(overrides=("model.size=tiny", "data.batch_size=4"), steps=1, warmup=0)
     assert [(r["objective"], r["how"]) for r in rows] == [
         ("flow matching", ""), ("mean flow", "forward"), ("mean flow", "double_backward"),
-        ("consistency distillation", "heun teacher")]
+        ("mean flow", "finite_difference"), ("consistency distillation", "heun teacher")]
     assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["vs_flow_matching"] == 1.0
     assert summary["model"] == "dit/tiny"

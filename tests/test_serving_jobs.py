@@ -176,3 +176,9 @@ def test_under_load_the_high_tier_is_served_first(tiers):
         high = pool.submit(post, "gold-token")
         low_done, high_done = sorted(f.result() for f in low), high.result()
     assert sum(t > high_done for t in low_done) >= 4, (low_done, high_done)  # it overtook the waiting ones
+
+
+def test_the_flow_map_sampler_on_a_velocity_model_is_a_422_naming_the_sampler(jobs):
+    for path in ("/v1/generate", "/v1/jobs"):
+        r = jobs.post(path, json={"class_label": 1, "sampler": "flow_map", "steps": 1})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sampler"], r.text

@@ -1,5 +1,6 @@
 """`dtrain bench objectives`: the cost of one training step (loss, backward, AdamW step) of the same model
-under each objective, against flow matching: MeanFlow with its JVP forward-mode and by double backward,
+under each objective, against flow matching: MeanFlow with its JVP forward-mode, by double backward and
+by central differences (ZeRO-3's way),
 and consistency distillation (a frozen teacher's Heun step and a target network beside the student).
 Plain PyTorch on this process's threads, so the objectives are compared, not the engine."""
 from __future__ import annotations
@@ -47,6 +48,8 @@ def run(config: str = "configs/quickstart.yaml", overrides: tuple[str, ...] = ()
     cases = [("flow matching", "", velocity, RectifiedFlowLoss(cfg.objective.time_sampling)),
              ("mean flow", "forward", flow_map, MeanFlowLoss(cfg.objective.time_sampling, jvp="forward")),
              ("mean flow", "double_backward", flow_map, MeanFlowLoss(cfg.objective.time_sampling, jvp="double_backward")),
+             ("mean flow", "finite_difference", flow_map,
+              MeanFlowLoss(cfg.objective.time_sampling, jvp="finite_difference")),
              ("consistency distillation", "heun teacher", velocity,
               ConsistencyDistillation(frozen_fn, frozen_fn, m.num_classes, solver="heun"))]
     rows = []

@@ -244,6 +244,8 @@ class Ingress:
         steps = self.specs[name].fallback.steps if fallback else (req.steps or d["steps"])
         guidance = d["guidance"] if req.guidance is None else req.guidance
         for ok, field, msg in ((req.class_label < info["num_classes"], "class_label", f"must be < {info['num_classes']}"),
+                               (sampler != "flow_map" or info["flow_map"], "sampler",
+                                f"flow_map needs a flow-map model; {name}/{version} predicts a velocity"),
                                (steps <= a.max_steps, "steps", f"must be <= {a.max_steps}"),
                                (req.num_images <= a.max_images, "num_images", f"must be <= {a.max_images}")):
             if not ok:
@@ -404,7 +406,7 @@ def version_info(name: str, version: str, checkpoint: str) -> dict:
     s = cfg.sample
     return {"model": name, "version": version, "checkpoint": checkpoint, "stage": meta.get("stage", "pretrain"),
             "parent": meta.get("parent"), "teacher": meta.get("teacher"), "num_classes": cfg.model.num_classes,
-            "image_size": cfg.model.image_size, "channels": cfg.model.in_channels,
+            "image_size": cfg.model.image_size, "channels": cfg.model.in_channels, "flow_map": cfg.model.flow_map,
             "latent": isinstance(meta.get("latents"), dict),
             "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}}
 
