@@ -66,7 +66,8 @@ class StageConfig:
     name: str = "pretrain"
     init_from: Optional[str] = None  # checkpoint (or run dir) whose EMA weights initialise the net: the parent
     # distill (consistency distillation, dtrain.diffusion.consistency) only:
-    teacher: Optional[str] = None  # the rectified-flow checkpoint whose ODE the student learns to jump along
+    teacher: Optional[str] = None  # the checkpoint whose ODE the student learns to jump along: a flow, a flow
+    # map, or a DDPM model (eps / v / x0, read as a velocity on the student's linear path)
     teacher_solver: str = "heun"  # the teacher's ODE step between adjacent times: euler | heun
     teacher_guidance: float = 1.0  # CFG scale of the teacher's velocity (the student then samples without)
     target_decay: float = 0.95  # EMA decay of the target network; 0 = the student itself, stop-gradient

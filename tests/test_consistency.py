@@ -58,3 +58,33 @@ def test_consistency_sampler_reaches_the_point_mass_at_any_step_count(steps):
                  renoise=renoise)
     assert torch.allclose(out, C.expand(5, -1, -1, -1), atol=1e-5)
     assert len(calls) == nfe("consistency", steps, 1.0) == steps and sorted(noises) == list(range(1, steps))
+
+
+def exact_on(path_name: str, prediction: str):
+    """The point mass's exact net on a VP path, in its own parameterisation: x_hat = C, eps = (x - alpha C) / sigma."""
+    from dtrain.diffusion.parameterization import from_x_eps
+
+    path = PATHS[path_name]
+
+    def net(x, tau, cond):
+        shape = (-1, 1, 1, 1)
+        a, s = path.alpha(tau).view(shape), path.sigma(tau).view(shape)
+        x_hat = C.expand_as(x)
+        return from_x_eps(prediction, x_hat, (x - a * x_hat) / s, tau.view(shape), path)
+    return net
+
+
+@pytest.mark.parametrize("path_name", ["cosine", "vp_linear"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_a_ddpm_teacher_reads_as_the_linear_paths_velocity_and_distils_with_zero_loss(path_name, prediction):
+    from dtrain.diffusion.parameterization import on_linear_path, time_at_ratio
+
+    path = PATHS[path_name]
+    tau = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(time_at_ratio(path, path.alpha(tau) / path.sigma(tau)), tau, atol=1e-5)
+    teacher = on_linear_path(exact_on(path_name, prediction), prediction, path)
+    x, t = torch.randn(3, 1, 3, 3), torch.tensor([0.05, 0.5, 0.95])
+    assert torch.allclose(teacher(x, t, torch.zeros(3)), exact(x, t, None), atol=1e-4)
+    loss = ConsistencyDistillation(teacher=teacher, target=exact, null_label=10, solver="heun", intervals=8)
+    batch = {"x": C.expand(16, -1, -1, -1).clone(), "cond": torch.zeros(16, dtype=torch.long)}
+    assert loss(exact, batch, generator=torch.Generator().manual_seed(0)).max() < 1e-3

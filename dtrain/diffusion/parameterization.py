@@ -86,3 +86,34 @@ class Denoiser:
 
     def x_eps(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return to_x_eps(self.prediction, self._out(x, t), x, t, self.path)
+
+
+def time_at_ratio(path, ratio: torch.Tensor, iters: int = 50) -> torch.Tensor:
+    """The time tau of `path` where alpha / sigma = ratio (>= 0), by bisection on [t_min, 1]: every path
+    here has a signal-to-noise ratio rising with t. Clamped to t_min below the path's first ratio."""
+    lo, hi = torch.full_like(ratio, path.t_min), torch.ones_like(ratio)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = path.alpha(mid) > ratio * path.sigma(mid)
+        lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+    return 0.5 * (lo + hi)
+
+
+def on_linear_path(fn: Callable, prediction: str, path) -> Callable:
+    """A net trained on `path` with `prediction` (a DDPM eps / v / x0 teacher) as a velocity on the linear
+    path: fn(x, t, cond) -> velocity at x = t x_1 + (1 - t) eps. The point of the same signal-to-noise
+    ratio on `path` is x' = (sigma(tau) / (1 - t)) x at alpha(tau) / sigma(tau) = t / (1 - t); there the
+    net's x_hat and eps_hat are the linear path's too, and its velocity is x_hat - eps_hat."""
+    _check(prediction, path)
+    if path.name == "linear":
+        return lambda x, t, cond: to_velocity(prediction, fn(x, t, cond), x, t, path)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        t = t.clamp(max=1 - 1e-6)  # the linear path's data end: where samplers never evaluate
+        tau = time_at_ratio(path, t / (1 - t))
+        shape = (-1, *[1] * (x.ndim - 1))
+        x_path = (path.sigma(tau) / (1 - t)).view(shape) * x
+        x_hat, eps_hat = to_x_eps(prediction, fn(x_path, tau, cond), x_path, tau, path)
+        return x_hat - eps_hat
+
+    return velocity

@@ -21,10 +21,11 @@ import torch
 
 from dtrain import checkpoint as ckpt_io
 from dtrain.data.shards import CorruptShards, DataError, expand_urls, train_batches
-from dtrain.diffusion import build_objective
+from dtrain.diffusion import build_objective, prediction_and_path
 from dtrain.diffusion.consistency import ConsistencyDistillation, intervals_at
 from dtrain.diffusion.flow import RectifiedFlowLoss
 from dtrain.diffusion.meanflow import MeanFlowLoss
+from dtrain.diffusion.parameterization import on_linear_path
 
 PAIRS_FILE = "pairs.json"  # beside pair shards: the teacher and sampler that made them (dtrain.train.pairs)
 
@@ -106,9 +107,6 @@ class Distill(Stage):
             if isinstance(m, LabelEmbedder):
                 m.dropout = 0.0
         net, tcfg = ckpt_io.load_model(self.lineage["teacher"])
-        if tcfg.objective.name != "rectified_flow":
-            raise ValueError(f"distill needs a rectified-flow teacher; {self.lineage['teacher']} was trained "
-                             f"with objective {tcfg.objective.name}")
         teacher = frozen_engine(net, cfg, world, dtype)
         self.target = None
         if st.target_decay > 0:
@@ -118,8 +116,11 @@ class Distill(Stage):
                 self.load_parent(net)
             self.target = frozen_engine(net, cfg, world, dtype)
         target = self.target or engine
+        # a DDPM teacher (eps / v / x0 on a VP path) is read as a velocity on the student's linear path
+        teacher_fn = on_linear_path(lambda x, t, c: teacher(x.to(dtype), t, c).float(),
+                                    *prediction_and_path(tcfg.objective))
         self.objective = ConsistencyDistillation(
-            teacher=lambda x, t, c: teacher(x.to(dtype), t, c).float(),
+            teacher=teacher_fn,
             target=lambda x, t, c: target(x.to(dtype), t, c).float(),
             null_label=cfg.model.num_classes, solver=st.teacher_solver, guidance=st.teacher_guidance,
             cond_dropout=cfg.model.class_dropout, intervals=intervals_at(start, cfg.train.steps, *st.intervals))

@@ -1,0 +1,35 @@
+"""Consistency distillation of a DDPM teacher on the real stack: its eps predictions on a VP path are read
+as velocities on the student's linear path (dtrain.diffusion.parameterization.on_linear_path)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtrain.checkpoint import load_model, read_meta, write_inference_files
+from dtrain.config import load_config
+from dtrain.generation import render
+from dtrain.models import build_model
+from dtrain.train.driver import fit
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_ddpm_teacher_distils_into_a_one_step_student(ray_cluster, digits_dir, tmp_path):
+    teacher_cfg = load_config(None, ["model.size=tiny", "model.image_size=8", "model.patch_size=2",
+                                     "objective.name=ddpm", "objective.prediction=eps", "objective.schedule=cosine",
+                                     "sample.sampler=ddim"])
+    torch.manual_seed(0)
+    weights = {k: v + 0.05 * torch.randn_like(v) for k, v in build_model(teacher_cfg.model).state_dict().items()}
+    teacher = tmp_path / "ddpm" / "ckpt"
+    write_inference_files(teacher, weights, teacher_cfg, {"step": 0})
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp_path) + [
+        "model.hidden_size=0", "model.depth=0", "stage.name=distill", f"stage.teacher={teacher}",
+        "train.steps=2", "train.ckpt_every=2", "train.run_name=ddpm-distill", "stage.intervals=[2,4]",
+        "sample.sampler=consistency", "sample.steps=1", "sample.guidance=1.0"])
+    ckpt = fit(cfg)
+    meta = read_meta(ckpt)
+    assert meta["stage"] == "distill" and meta["teacher"] == str(teacher.resolve()) and meta["step"] == 2
+    net, loaded = load_model(ckpt)
+    x = render(net, loaded, meta, torch.arange(4), [0, 1, 2, 3], steps=1, guidance=1.0, sampler="consistency")
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
