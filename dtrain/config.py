@@ -303,8 +303,9 @@ def validate(cfg: Config) -> None:
            f"reflow straightens a flow: it needs objective.name=rectified_flow (got {o.name})")
     st = cfg.stage
     _check(st.name != "distill" or bool(st.teacher), "stage.teacher", "stage distill needs a teacher checkpoint")
-    _check(st.name != "distill" or o.name == "rectified_flow", "stage.name",
-           f"the distilled student is a flow: distill needs objective.name=rectified_flow (got {o.name})")
+    _check(st.name != "distill" or o.name in ("rectified_flow", "mean_flow"), "stage.name",
+           f"the distilled student is a consistency model (objective.name=rectified_flow) or a flow map "
+           f"(mean_flow), not {o.name}")
     _check(st.teacher_solver in ("euler", "heun"), "stage.teacher_solver", f"'{st.teacher_solver}' is not euler or heun")
     _check(0.0 <= st.target_decay < 1.0, "stage.target_decay", "must be in [0, 1)")
     _check(1 <= st.intervals[0] <= st.intervals[1], "stage.intervals", f"{list(st.intervals)}: need 1 <= start <= end")

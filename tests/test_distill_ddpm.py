@@ -1,5 +1,6 @@
-"""Consistency distillation of a DDPM teacher on the real stack: its eps predictions on a VP path are read
-as velocities on the student's linear path (dtrain.diffusion.parameterization.on_linear_path)."""
+"""Distillation stages on the real stack beyond the pipeline's: a consistency student of a DDPM teacher (its
+eps predictions on a VP path read as velocities on the student's linear path), and a flow map (MeanFlow)
+distilled from a velocity teacher."""
 from __future__ import annotations
 
 import pytest
@@ -32,4 +33,18 @@ def test_a_ddpm_teacher_distils_into_a_one_step_student(ray_cluster, digits_dir,
     assert meta["stage"] == "distill" and meta["teacher"] == str(teacher.resolve()) and meta["step"] == 2
     net, loaded = load_model(ckpt)
     x = render(net, loaded, meta, torch.arange(4), [0, 1, 2, 3], steps=1, guidance=1.0, sampler="consistency")
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_a_flow_map_distils_from_a_velocity_teacher(ray_cluster, digits_dir, tmp_path, tiny_checkpoint):
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp_path) + [
+        "model.hidden_size=0", "model.depth=0", "stage.name=distill", f"stage.teacher={tiny_checkpoint}",
+        f"stage.init_from={tiny_checkpoint}", "model.flow_map=true", "objective.name=mean_flow",
+        "train.steps=2", "train.ckpt_every=2", "train.run_name=mf-distill", "sample.sampler=flow_map",
+        "sample.steps=1", "sample.guidance=1.0"])
+    ckpt = fit(cfg)
+    meta = read_meta(ckpt)
+    assert meta["stage"] == "distill" and meta["jvp"] == "forward" and meta["objective"] == "mean_flow"
+    net, loaded = load_model(ckpt)
+    x = render(net, loaded, meta, torch.arange(4), [0, 1, 2, 3], steps=1, guidance=1.0, sampler="flow_map")
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()

@@ -153,3 +153,15 @@ def test_the_flow_map_sampler_spends_the_network_evaluations_nfe_counts(guidance
 
     sample_flow_map(net, torch.zeros(5, dtype=torch.long), guidance, 10, torch.randn(5, 2), torch.tensor([0.0, 0.5, 1.0]))
     assert sum(rows) / 5 == nfe("flow_map", 2, guidance)
+
+
+def test_distilling_a_teachers_velocity_is_zero_loss_for_its_exact_flow_map_and_uses_the_teacher():
+    mu = torch.tensor([[0.5, -1.0]])
+    batch = {"x": torch.randn(32, 2), "cond": torch.zeros(32, dtype=torch.long)}  # the data no longer matters
+    exact_v = lambda x, t, c: (mu - x) / (1 - t.view(-1, 1))  # noqa: E731  (a point mass's ODE)
+    exact_u = lambda x, t, c, s: exact_v(x, t, c)  # noqa: E731  (straight paths: u = v)
+    loss = MeanFlowLoss(time_sampling="uniform", jump_share=0.5, adaptive_p=0.0)
+    loss.distil_from(exact_v, guidance=1.0, null_label=10, cond_dropout=0.5)
+    assert loss(exact_u, batch, generator=torch.Generator().manual_seed(0)).max() < 1e-8
+    loss.distil_from(lambda x, t, c: exact_v(x, t, c) + 1.0, guidance=1.0, null_label=10, cond_dropout=0.0)
+    assert loss(exact_u, batch, generator=torch.Generator().manual_seed(0)).mean() > 0.3

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dtrain.diffusion.flow import ModelFn, batch_noise, check_time_sampling, sample_time
 from dtrain.diffusion.paths import PATHS
+from dtrain.diffusion.samplers import guided
 
 JVP_MODES = ("forward", "double_backward", "finite_difference")  # and "auto": the stage resolves it
 FD_STEP = 1e-4  # the central difference's step: truncation (the time embedding's 1000 rad per unit t) vs fp32 rounding
@@ -69,7 +70,11 @@ def _central_difference(fn, x, t, s, v):
 
 class MeanFlowLoss:
     """loss(model_fn, batch) -> per-sample adaptively weighted squared error [B] of the flow map against
-    its MeanFlow target. model_fn(x, t, cond, s) -> u."""
+    its MeanFlow target. model_fn(x, t, cond, s) -> u.
+
+    Distillation (`distil_from`): the velocity in the target and the JVP's tangent is a frozen teacher's
+    (guided) velocity at x_t instead of the conditional x_1 - x_0, so the flow map learns the teacher's
+    ODE; labels are then dropped here (`cond_dropout`), the same for teacher and student."""
 
     prediction = "velocity"  # what u(x, t, t) is: the ODE samplers use it as is
     path = PATHS["linear"]
@@ -80,6 +85,12 @@ class MeanFlowLoss:
         if jvp not in (*JVP_MODES, "auto"):
             raise ValueError(f"jvp mode {jvp!r}: choose one of {', '.join(JVP_MODES)}")
         self.time_sampling, self.jump_share, self.jvp, self.adaptive_p = time_sampling, jump_share, jvp, adaptive_p
+        self.teacher = None
+
+    def distil_from(self, teacher: ModelFn, guidance: float, null_label: int, cond_dropout: float) -> "MeanFlowLoss":
+        """teacher(x, t, cond) -> velocity on the linear path (frozen; called under no_grad)."""
+        self.teacher, self.guidance, self.null_label, self.cond_dropout = teacher, guidance, null_label, cond_dropout
+        return self
 
     @classmethod
     def from_config(cls, o) -> "MeanFlowLoss":
@@ -102,7 +113,13 @@ class MeanFlowLoss:
         t, s = (z.to(x1) for z in self.times(x1.shape[0], generator))
         shape = (-1, *[1] * (x1.ndim - 1))
         xt = t.view(shape) * x1 + (1 - t.view(shape)) * x0
-        v = x1 - x0
+        if self.teacher is None:
+            v = x1 - x0
+        else:
+            drop = torch.rand(x1.shape[0], generator=generator).to(cond.device) < self.cond_dropout
+            cond = torch.where(drop, torch.full_like(cond, self.null_label), cond)
+            with torch.no_grad():
+                v = guided(self.teacher, cond, self.guidance, self.null_label)(xt, t)
         u, dudt = total_derivative(lambda x, t_, s_: model_fn(x, t_, cond, s_), xt, t, s, v, self.jvp)
         target = v + (s - t).view(shape) * dudt
         err = (u.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -68,21 +68,32 @@ class Stage:
 
 
 def pretrain(cfg) -> Stage:
-    objective = build_objective(cfg.objective)
-    if not isinstance(objective, MeanFlowLoss):
-        return Stage("pretrain", objective, parent=_parent(cfg))
-    if objective.jvp == "auto":  # neither forward mode nor a second backward passes ZeRO-3 (dtrain.diffusion.meanflow)
+    if cfg.objective.name == "mean_flow":
+        objective = _mean_flow(cfg)
+        return FlowMap("pretrain", objective, parent=_parent(cfg), lineage={"jvp": objective.jvp})
+    return Stage("pretrain", build_objective(cfg.objective), parent=_parent(cfg))
+
+
+def _mean_flow(cfg) -> MeanFlowLoss:
+    """The flow map's objective with its JVP mode resolved: `auto` is forward mode, or under ZeRO-3 (which
+    neither forward mode nor a second backward passes, dtrain.diffusion.meanflow) central differences."""
+    objective = MeanFlowLoss.from_config(cfg.objective)
+    if objective.jvp == "auto":
         objective.jvp = "finite_difference" if cfg.train.zero_stage == 3 else "forward"
-    return FlowMap("pretrain", objective, parent=_parent(cfg), lineage={"jvp": objective.jvp})
+    return objective
 
 
 class FlowMap(Stage):
     """A flow map (MeanFlow) trained like any pretraining; its JVP by finite differences needs fp32."""
 
     def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int) -> None:
-        if self.objective.jvp == "finite_difference" and dtype != torch.float32:
-            raise ValueError(f"the flow map's JVP by finite differences (ZeRO-3) needs train.precision=fp32, not "
-                             f"{cfg.train.precision}: a difference quotient of {dtype} outputs is noise")
+        _check_difference_precision(self.objective, cfg, dtype)
+
+
+def _check_difference_precision(objective: MeanFlowLoss, cfg, dtype: torch.dtype) -> None:
+    if objective.jvp == "finite_difference" and dtype != torch.float32:
+        raise ValueError(f"the flow map's JVP by finite differences (ZeRO-3) needs train.precision=fp32, not "
+                         f"{cfg.train.precision}: a difference quotient of {dtype} outputs is noise")
 
 
 def reflow(cfg) -> Stage:
@@ -108,7 +119,16 @@ class Distill(Stage):
                 m.dropout = 0.0
         net, tcfg = ckpt_io.load_model(self.lineage["teacher"])
         teacher = frozen_engine(net, cfg, world, dtype)
+        # a DDPM teacher (eps / v / x0 on a VP path) is read as a velocity on the student's linear path
+        teacher_fn = on_linear_path(lambda x, t, c: teacher(x.to(dtype), t, c).float(),
+                                    *prediction_and_path(tcfg.objective))
         self.target = None
+        if cfg.objective.name == "mean_flow":  # a flow map learns the teacher's ODE: no target network
+            self.objective = _mean_flow(cfg).distil_from(teacher_fn, st.teacher_guidance, cfg.model.num_classes,
+                                                         cfg.model.class_dropout)
+            _check_difference_precision(self.objective, cfg, dtype)
+            self.lineage["jvp"] = self.objective.jvp
+            return
         if st.target_decay > 0:
             torch.manual_seed(cfg.train.seed)  # the student's own initialisation when it has no parent
             net = build_model(cfg.model)
@@ -116,9 +136,6 @@ class Distill(Stage):
                 self.load_parent(net)
             self.target = frozen_engine(net, cfg, world, dtype)
         target = self.target or engine
-        # a DDPM teacher (eps / v / x0 on a VP path) is read as a velocity on the student's linear path
-        teacher_fn = on_linear_path(lambda x, t, c: teacher(x.to(dtype), t, c).float(),
-                                    *prediction_and_path(tcfg.objective))
         self.objective = ConsistencyDistillation(
             teacher=teacher_fn,
             target=lambda x, t, c: target(x.to(dtype), t, c).float(),
@@ -128,6 +145,8 @@ class Distill(Stage):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         st = self.cfg.stage
+        if not isinstance(self.objective, ConsistencyDistillation):
+            return
         self.objective.intervals = intervals_at(step + 1, self.cfg.train.steps, *st.intervals)
         if self.target is None:
             return
