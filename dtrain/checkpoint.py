@@ -26,6 +26,7 @@ from dtrain import storage
 from dtrain.config import Config, ConfigError, from_yaml, to_yaml
 
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, DEEPSPEED_DIR = "config.yaml", "model.safetensors", "meta.json", "deepspeed"
+STAGE_STATE_FILE = "stage.safetensors"  # a stage's own networks (a consistency target), for exact resume
 UNIVERSAL_DIR, DEEPSPEED_TAG = "deepspeed_universal", "state"  # DeepSpeed's per-save subdirectory name
 EXPORT_CONFIG_KEY, EXPORT_META_KEY = "dtrain.config", "dtrain.meta"
 
@@ -38,6 +39,11 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def write_stage_state(directory: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A stage's own networks beside the weights (STAGE_STATE_FILE), read back on resume."""
+    save_file(tensors, str(Path(directory) / STAGE_STATE_FILE))
 
 
 def write_inference_files(directory: str | Path, weights: dict[str, torch.Tensor], cfg: Config, meta: dict) -> None:

@@ -48,3 +48,26 @@ def test_a_flow_map_distils_from_a_velocity_teacher(ray_cluster, digits_dir, tmp
     net, loaded = load_model(ckpt)
     x = render(net, loaded, meta, torch.arange(4), [0, 1, 2, 3], steps=1, guidance=1.0, sampler="flow_map")
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_a_consistency_distillation_killed_mid_run_resumes_exactly(ray_cluster, digits_dir, tmp_path, tiny_checkpoint):
+    """The last rank dies after step 5; Ray Train restarts from the step-4 checkpoint, which carries the EMA
+    target network (stage.safetensors): the final weights equal an uninterrupted run's (and do not when the
+    target restarts from the parent, as it did before)."""
+    from dtrain.checkpoint import STAGE_STATE_FILE, read_weights
+    from dtrain.train.driver import run_dir
+
+    common = tiny_overrides(digits_dir, tmp_path) + [
+        "model.hidden_size=0", "model.depth=0", "stage.name=distill", f"stage.teacher={tiny_checkpoint}",
+        f"stage.init_from={tiny_checkpoint}", "stage.target_decay=0.5", "stage.intervals=[2,4]",
+        "train.steps=6", "train.ckpt_every=2", "train.precision=fp32", "train.ema_decay=0.0", "train.warmup_steps=0",
+        "sample.sampler=consistency"]  # raw weights (no EMA), full learning rate: the target's state matters
+    clean = fit(load_config("configs/quickstart.yaml", common + ["train.run_name=cd-clean"]))
+    crashed_cfg = load_config("configs/quickstart.yaml", common + ["train.run_name=cd-crash", "train.fault_drill_step=5",
+                                                                   "train.max_failures=1"])
+    crashed = fit(crashed_cfg)
+    assert (run_dir(crashed_cfg) / ".fault_drill_done").exists()  # it really died and resumed
+    assert (crashed / STAGE_STATE_FILE).is_file()
+    a, b = read_weights(clean), read_weights(crashed)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k

@@ -86,8 +86,9 @@ def train_func(cfg_dict: dict) -> None:
             engine.compile()  # DeepSpeed's own hook keeps parameter names (and so checkpoints) unchanged
         ema = EMA(engine.module, t.ema_decay, engine=engine)
         start, samples_seen = _restore(engine, ema, ckpt, universal) if ckpt else (0, 0)
-    dtype = precision.dtype
-    stage.attach(engine, resolved, world, dtype, start)  # frozen nets (a teacher, a target) beside the student
+        dtype = precision.dtype
+        # frozen nets (a teacher, a target) beside the student; a resumed stage restores its own state
+        stage.attach(engine, resolved, world, dtype, start, resume=ckpt)
     loss_fn = stage.objective
     accum, global_batch = t.grad_accum_steps, cfg.data.batch_size * t.grad_accum_steps * world
 
@@ -152,6 +153,7 @@ def train_func(cfg_dict: dict) -> None:
 
         if done % t.ckpt_every == 0 or done == t.steps or stop or clock_due:
             weights = ema.full_state_dict()  # a collective where the EMA is sharded (ZeRO-3; ZeRO-1/2 in bf16)
+            stage_state = stage.state_dict()  # a collective too where the stage's nets are partitioned
             # Written locally, then Ray Train copies it to storage and deletes it; to an object store the
             # upload runs in the background while training goes on. Ray registers the checkpoint only
             # once every rank's upload finished: a partial one is never resumed from or loaded.
@@ -167,6 +169,8 @@ def train_func(cfg_dict: dict) -> None:
                             "precision": precision.precision, "precision_reason": precision.reason,
                             "latents": cfg_dict.get("latents"), "interrupted": stop and done < t.steps}
                     ckpt_io.write_inference_files(tmp, weights, cfg, meta)
+                    if stage_state:
+                        ckpt_io.write_stage_state(tmp, stage_state)
                     images = cfg.model.image_size > 1  # vector data (a mixture) has no image to show
                     if images and (done == t.steps or (cfg.tracking.sample_every and done % cfg.tracking.sample_every == 0)):
                         on_cpu = "fp32" if precision.precision == "fp16" else precision.precision  # drawn on the CPU

@@ -12,12 +12,14 @@ record: stage, parent and teacher, the lineage that `dtrain pipeline` chains and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors.torch import load_file
 
 from dtrain import checkpoint as ckpt_io
 from dtrain.data.shards import CorruptShards, DataError, expand_urls, train_batches
@@ -44,9 +46,13 @@ class Stage:
                                          d.loader_workers, skip=skip, on_corrupt=on_corrupt):
             yield {"x": x, "cond": y, **({"noise": rest[0]} if rest else {})}
 
-    def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int) -> None:
-        """Called once the student's engine exists (resumed at step `start`): a stage with frozen networks
-        builds them here."""
+    def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None = None) -> None:
+        """Called once the student's engine exists (resumed at step `start` from checkpoint `resume`): a
+        stage with frozen networks builds them here."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the stage adds to a checkpoint (called on every rank; rank 0's result is saved)."""
+        return {}
 
     def initial_weights(self) -> dict[str, torch.Tensor] | None:
         return ckpt_io.read_weights(ckpt_io.resolve(self.parent)) if self.parent else None
@@ -86,7 +92,7 @@ def _mean_flow(cfg) -> MeanFlowLoss:
 class FlowMap(Stage):
     """A flow map (MeanFlow) trained like any pretraining; its JVP by finite differences needs fp32."""
 
-    def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int) -> None:
+    def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None = None) -> None:
         _check_difference_precision(self.objective, cfg, dtype)
 
 
@@ -106,9 +112,10 @@ def reflow(cfg) -> Stage:
 class Distill(Stage):
     """Consistency distillation of a frozen teacher (dtrain.diffusion.consistency): the teacher and the
     EMA target run under the student's ZeRO stage (partitioned under ZeRO-3); the target follows the
-    student after every step; the interval count follows the curriculum."""
+    student after every step; the interval count follows the curriculum. The target is saved with each
+    checkpoint and restored on resume, so a resumed distillation continues exactly."""
 
-    def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int) -> None:
+    def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None = None) -> None:
         from dtrain.models import build_model
         from dtrain.models.layers import LabelEmbedder
         from dtrain.train.deepspeed_glue import frozen_engine
@@ -132,7 +139,10 @@ class Distill(Stage):
         if st.target_decay > 0:
             torch.manual_seed(cfg.train.seed)  # the student's own initialisation when it has no parent
             net = build_model(cfg.model)
-            if self.parent:
+            saved = resume and resume / ckpt_io.STAGE_STATE_FILE
+            if saved and saved.is_file():  # where the target had got to
+                net.load_state_dict(load_file(str(saved)))
+            elif self.parent:
                 self.load_parent(net)
             self.target = frozen_engine(net, cfg, world, dtype)
         target = self.target or engine
@@ -141,6 +151,14 @@ class Distill(Stage):
             target=lambda x, t, c: target(x.to(dtype), t, c).float(),
             null_label=cfg.model.num_classes, solver=st.teacher_solver, guidance=st.teacher_guidance,
             cond_dropout=cfg.model.class_dropout, intervals=intervals_at(start, cfg.train.steps, *st.intervals))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if getattr(self, "target", None) is None:
+            return {}
+        module = getattr(self.target, "module", self.target)  # a ZeRO-3 engine, or the net itself
+        params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+        with _gathered(params):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -154,6 +172,15 @@ class Distill(Stage):
         for pt, ps in zip(self.target.parameters(), self.engine.module.parameters()):
             mine, theirs = (pt.ds_tensor, ps.ds_tensor) if hasattr(pt, "ds_tensor") else (pt.data, ps.data)
             mine.lerp_(theirs.to(mine.dtype), 1 - st.target_decay)
+
+
+def _gathered(params: list):
+    """ZeRO-3's partitioned parameters whole for the duration (a collective); nothing to do otherwise."""
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def distill(cfg) -> Stage:
