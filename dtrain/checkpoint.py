@@ -6,6 +6,7 @@ A checkpoint directory holds
     model.safetensors   EMA weights, consolidated (what sampling and serving load)
     meta.json           step, stage, parent checkpoint, what the weights are
     deepspeed/          each rank's ZeRO shard + optimizer and scheduler state (for resume only)
+    stage.safetensors   a stage's own networks, where it has any (a consistency target; resume only)
     deepspeed_universal/  made only when the run resumes at another worker count: the same state
                         as one file per parameter (DeepSpeed's universal checkpoint)
 `dtrain export` folds the first three into one .safetensors file (config and meta in its header),
