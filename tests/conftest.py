@@ -148,3 +148,49 @@ def versions(tiny_checkpoint):
 def registry(versions: dict, **spec) -> dict:
     """A serving registry of the model "tiny" with these versions and spec fields (default, canary, ...)."""
     return {"tiny": {"versions": {v: str(p) for v, p in versions.items()}, **spec}}
+
+
+# Ports outside the worker-port range (10002-19999) of the test session's own cluster.
+HEAD_GCS, HEAD_DASHBOARD = 26380, 28265
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A Ray head started with `ray start --head`, token auth on, beside the session's cluster: (dashboard
+    address, token file)."""
+    import shutil
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    import httpx
+
+    from tests.raynodes import node_env, start_node, stop_node, wait_until
+
+    root = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    token = root / "token"
+    token.write_text(uuid.uuid4().hex)
+    proc = start_node(["--head", f"--temp-dir={root}/ray", f"--port={HEAD_GCS}",
+                       f"--dashboard-port={HEAD_DASHBOARD}", "--dashboard-agent-listen-port=28266", "--ray-client-server-port=28267",
+                       "--min-worker-port=30000", "--max-worker-port=30999", "--num-cpus=1",
+                       "--include-dashboard=true"], node_env(token))
+    address = f"http://127.0.0.1:{HEAD_DASHBOARD}"
+
+    def answers():  # the dashboard answers (401 without a token) once the head is up
+        try:
+            return httpx.get(address, timeout=5) is not None
+        except httpx.TransportError:
+            return proc.poll() is not None  # died: stop waiting, the assert below says so
+
+    try:
+        wait_until(answers, 90, "ray head up", every=1)
+        assert proc.poll() is None, f"ray head exited with {proc.returncode}"
+        yield address, token
+    finally:
+        stop_node(proc, graceful_s=2)
+        # `ray start` leaves its address as "the current cluster", which a later `ray`/`serve` command
+        # on this machine would try to join: remove it when it is this head's
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{HEAD_GCS}"):
+            current.unlink()
+        shutil.rmtree(root, ignore_errors=True)
