@@ -112,8 +112,7 @@ class Ingress:
         self.metrics = IngressMetrics(next(iter(catalog)))
         self.in_flight = 0
         self.cache = TTLCache(args.cache_entries, args.cache_ttl_s) if args.cache_entries else None
-        most = args.num_replicas or args.autoscaling.max_replicas
-        self.gate = PriorityGate(args.admit_images or most * 2 * args.max_batch_images)
+        self.gate = PriorityGate(args.admit_images or args.images_held())
         self.quotas = Quotas()
         app.state.metrics = self.metrics
         logger.info(f"ingress for {sorted(catalog)}: auth {'on' if self.auth.enabled else 'off'}, "
@@ -178,17 +177,25 @@ class Ingress:
             raise self._refuse(429, "quota", {"code": "quota", "message": f"over the quota of {tenant}: retry "
                                               f"after {wait} s"}, {"Retry-After": str(wait)})
 
+    def _model(self, model: Optional[str]) -> str:
+        """The model a request names (default: the first registered); 422 for an unknown one."""
+        name = model or next(iter(self.specs))
+        if name not in self.specs:
+            raise self._invalid("model", f"unknown model; registered: {sorted(self.specs)}")
+        return name
+
+    def _version(self, name: str, version: str) -> str:
+        if version not in self.specs[name].versions:
+            raise self._invalid("version", f"unknown version of {name}; registered: {sorted(self.specs[name].versions)}")
+        return version
+
     def _route(self, req: GenerateRequest) -> tuple[str, str, bool]:
         """(model, version, fallback used) for a request: as named, else the default or a canary share;
         the spike fallback when the request allows it and the ingress holds more than its threshold."""
-        name = req.model or next(iter(self.specs))
-        if name not in self.specs:
-            raise self._invalid("model", f"unknown model; registered: {sorted(self.specs)}")
+        name = self._model(req.model)
         spec = self.specs[name]
         if req.version is not None:
-            if req.version not in spec.versions:
-                raise self._invalid("version", f"unknown version of {name}; registered: {sorted(spec.versions)}")
-            return name, req.version, False
+            return name, self._version(name, req.version), False
         fb = spec.fallback
         if req.allow_fallback and fb and self.in_flight > fb.when_in_flight_over:
             return name, fb.version, True
@@ -379,12 +386,8 @@ class Ingress:
         if self.key_id is None:
             raise self._refuse(400, "watermark_off", {"code": "watermark_off",
                                                       "message": "this deployment does not watermark its images"})
-        name = req.model or next(iter(self.specs))
-        if name not in self.specs:
-            raise self._invalid("model", f"unknown model; registered: {sorted(self.specs)}")
-        version = req.version or self.specs[name].default
-        if version not in self.specs[name].versions:
-            raise self._invalid("version", f"unknown version of {name}; registered: {sorted(self.specs[name].versions)}")
+        name = self._model(req.model)
+        version = self._version(name, req.version or self.specs[name].default)
         info = self.catalog[name][version]
         if info["latent"]:
             raise self._refuse(400, "unsupported", {"code": "unsupported", "message": "detection on a latent "
@@ -422,20 +425,19 @@ def build_app(args: ServeArgs):
     checkpoints = {f"{name}/{v}": path for name, spec in args.models.items() for v, path in spec.versions.items()}
     scaling = ({"num_replicas": args.num_replicas} if args.num_replicas
                else {"autoscaling_config": args.autoscaling.serve_config()})
-    busy = 2 * args.max_batch_images  # one batch running and the next filling
     board = JobBoard.bind(args.job_ttl_s, args.max_jobs)
     overload = BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s)
     sampler = Sampler.options(
         **scaling,
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(args.replica_gpus)},
-        max_ongoing_requests=busy, max_queued_requests=args.max_queued_requests,
+        max_ongoing_requests=2 * args.max_batch_images,  # one batch running and the next filling
+        max_queued_requests=args.max_queued_requests,
         user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
     ).bind(checkpoints, next(iter(checkpoints)), args.precision, key, board)  # health probes: the first version, so a new default
     # version changes only the ingress's arguments and Serve replaces only the ingress
     # Serve's default of 5 requests per ingress would cap a batch at 5 images: admit every request
     # the samplers could hold, queue a bounded number more, refuse the rest with 503.
-    most = args.num_replicas or args.autoscaling.max_replicas
-    return Ingress.options(max_ongoing_requests=most * busy + args.max_queued_requests,
+    return Ingress.options(max_ongoing_requests=args.images_held() + args.max_queued_requests,
                            max_queued_requests=args.max_queued_requests, backpressure_config=overload,
                            ).bind(sampler, board, catalog, args, key and key.key_id, signer)
 

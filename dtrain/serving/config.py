@@ -137,6 +137,10 @@ class ServeArgs(_Strict):
                              "a request must fit in one batch")
         return self
 
+    def images_held(self) -> int:
+        """Images the samplers hold at max replicas: on each, one batch running and the next filling."""
+        return (self.num_replicas or self.autoscaling.max_replicas) * 2 * self.max_batch_images
+
     def resolved(self) -> "ServeArgs":
         """Paths made absolute where the builder runs (`serve run` from the repository), so replicas,
         whose working directory is Ray's, read the same files; a single checkpoint becomes a registry
