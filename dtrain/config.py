@@ -155,6 +155,7 @@ class PairsSpec:
 class StageSpec:
     kind: str = "pretrain"  # a key of dtrain.train.stages.STAGES
     name: str = ""  # this stage's name in the pipeline (default: kind, numbered when repeated: reflow, reflow2)
+    parent: str = ""  # the earlier stage this one starts from and (reflow, distill) is taught by; "" = the one before
     overrides: list[str] = field(default_factory=list)  # key=value onto the pipeline's config for this stage
     pairs: PairsSpec = field(default_factory=PairsSpec)  # reflow only
 
@@ -201,6 +202,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
                f"{spec.pairs.count} is not a positive multiple of pairs.per_shard={spec.pairs.per_shard}")
     names = [s.name for s in typed.stages]
     _check(len(set(names)) == len(names), "stages", f"stage names repeat: {names}")
+    for i, spec in enumerate(typed.stages):
+        _check(not spec.parent or spec.parent in names[:i], f"stages[{i}].parent",
+               f"'{spec.parent}' is not a stage before '{spec.name}' ({names[:i] or 'none'})")
     from dtrain.diffusion.samplers import SAMPLERS
 
     for i, spec in enumerate(typed.stages):

@@ -22,6 +22,9 @@ REFLOW = ("  - kind: reflow\n    pairs: {count: 32, per_shard: 16, steps: 2, sam
 # EMA target are partitioned engines beside the student (DeepSpeed 0.19 once failed on frozen parameters there)
 DISTILL = ("  - kind: distill\n    overrides: [train.steps=2, train.zero_stage=3, train.activation_checkpointing=true,"
            " stage.target_decay=0.9, 'stage.intervals=[2,4]', sample.sampler=consistency]\n")
+# a one-step flow map distilled from the pretrained stage (not the stage before it), as configs/pipeline-large.yaml does
+FLOW_MAP = ("  - kind: distill\n    name: flowmap\n    parent: pretrain\n    overrides: [train.steps=2, model.flow_map=true,"
+            " objective.name=mean_flow, sample.sampler=flow_map, sample.steps=1]\n")
 
 
 @pytest.fixture
@@ -31,7 +34,7 @@ def pipeline_file(tmp_path, digits_dir):
                                                             "model.depth=2", "model.patch_size=4"]
         path = tmp_path / f"p{int(distill)}.yaml"
         path.write_text("name: tiny\nconfig: exp.yaml\noverrides: " + json.dumps(overrides) + "\nstages:\n"
-                        + PRETRAIN + REFLOW + (DISTILL if distill else "")
+                        + PRETRAIN + REFLOW + (DISTILL + FLOW_MAP if distill else "")
                         + "eval: {steps: [4], samples_per_class: 5}\n")
         return path
 
@@ -51,20 +54,23 @@ def test_pipeline_chains_stages_with_lineage_resumes_and_evaluates_every_stage(r
         ["pairs-000000.tar", "pairs-000001.tar"]
 
     # the same pipeline with one more stage: the finished stages are skipped, training resumes at the first
-    # unfinished one, the consistency distillation of the reflow model
+    # unfinished one, the consistency distillation of the reflow model; then a flow map of the pretrained model
     capsys.readouterr()
     p = load_pipeline(pipeline_file(True))
     again = run_pipeline(p)
     out = capsys.readouterr().out
-    assert "stage pretrain done" in out and "stage reflow done" in out and "stage 3/3 distill" in out
+    assert "stage pretrain done" in out and "stage reflow done" in out and "stage 3/4 distill" in out
     assert again["stages"]["reflow"] == ref
     dmeta = read_meta(again["stages"]["distill"]["checkpoint"])
     assert dmeta["stage"] == "distill" and dmeta["teacher"] == ref["checkpoint"] and dmeta["zero_stage"] == 3
     assert dmeta["parent"] == ref["checkpoint"] and dmeta["target_decay"] == 0.9 and dmeta["step"] == 2
+    fmeta = read_meta(again["stages"]["flowmap"]["checkpoint"])
+    assert fmeta["parent"] == fmeta["teacher"] == pre["checkpoint"] and fmeta["objective"] == "mean_flow"
 
     result = evaluate_pipeline(p, again, log=lambda s: None)
     assert [(r["stage"], r["sampler"]) for r in result["rows"]] == [
-        ("pretrain", "euler"), ("reflow", "euler"), ("distill", "euler"), ("distill", "consistency")]
+        ("pretrain", "euler"), ("reflow", "euler"), ("distill", "euler"), ("distill", "consistency"),
+        ("flowmap", "euler"), ("flowmap", "flow_map")]
     out = tmp_path / "runs" / "tiny-eval"
     assert (out / "fd_vs_nfe.png").is_file() and json.loads((out / "eval.json").read_text())["stages"]["reflow"]["teacher"]
     assert (out / "reflow-euler-4steps.png").is_file()

@@ -110,9 +110,23 @@ def test_pipeline_file_names_stages_and_checks_every_stage_first(tmp_path):
     first.write_text("config: exp.yaml\nstages:\n  - kind: reflow\n")
     with pytest.raises(ConfigError, match="first stage must be pretrain"):
         load_pipeline(first)
+    later = tmp_path / "later.yaml"  # a parent must be an earlier stage
+    later.write_text("config: exp.yaml\nstages:\n  - kind: pretrain\n  - kind: reflow\n    parent: distill\n"
+                     "  - kind: distill\n")
+    with pytest.raises(ConfigError, match="stages\\[1\\].parent.*'distill' is not a stage before 'reflow'"):
+        load_pipeline(later)
 
 
 def test_the_shipped_quickstart_pipeline_loads():
     p = load_pipeline("configs/pipeline.yaml")
     assert [(s.kind, s.name) for s in p.stages] == [("pretrain", "pretrain"), ("reflow", "reflow"), ("distill", "distill")]
     assert stage_config(p, p.stages[2], ["stage.teacher=x"]).sample.sampler == "consistency"
+
+
+def test_the_larger_preset_loads_with_a_flow_map_of_the_pretrained_stage():
+    p = load_pipeline("configs/pipeline-large.yaml")
+    assert [(s.kind, s.name, s.parent) for s in p.stages] == [
+        ("pretrain", "pretrain", ""), ("reflow", "reflow", ""), ("distill", "distill", ""),
+        ("distill", "flowmap", "pretrain")]
+    fm = stage_config(p, p.stages[3], ["stage.teacher=x"])
+    assert fm.model.flow_map and fm.objective.name == "mean_flow" and fm.sample.sampler == "flow_map"

@@ -51,12 +51,13 @@ def run_pipeline(p: PipelineConfig) -> dict:
     storage.mkdir(parents=True, exist_ok=True)
     state = read_state(p)
     ensure_ray(base.scaling.address, base.scaling.num_workers * base.scaling.cpus_per_worker)
-    parent = None
+    previous = None
     for i, spec in enumerate(p.stages):
+        parent = state["stages"][spec.parent]["checkpoint"] if spec.parent else previous
         done = state["stages"].get(spec.name)
         if done and ckpt_io.is_complete(Path(done["checkpoint"])):
             print(f"[dtrain] pipeline {p.name}: stage {spec.name} done ({done['checkpoint']})", flush=True)
-            parent = done["checkpoint"]
+            previous = done["checkpoint"]
             continue
         print(f"[dtrain] pipeline {p.name}: stage {i + 1}/{len(p.stages)} {spec.name} ({spec.kind})"
               + (f" from {parent}" if parent else ""), flush=True)
@@ -76,5 +77,5 @@ def run_pipeline(p: PipelineConfig) -> dict:
                                       "pairs": str(pairs) if pairs else None,
                                       "seconds": round(time.perf_counter() - began, 1)}
         _write_state(path, state)
-        parent = str(final)
+        previous = str(final)
     return state
