@@ -60,6 +60,12 @@ def is_complete(d: Path) -> bool:
     return all((d / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE, META_FILE))
 
 
+def locate(path: str | Path) -> str:
+    """The checkpoint `path` names, as lineage records it and other machines find it: a URI's
+    registered checkpoint (never the local cache it is fetched into), else resolve()'s absolute path."""
+    return storage.checkpoint_uri(str(path)) if storage.is_uri(path) else str(resolve(path).resolve())
+
+
 def resolve(path: str | Path) -> Path:
     """An exported .safetensors file, a checkpoint directory, or a run directory -> its newest
     complete checkpoint; where Ray Train keeps a snapshot of the run's checkpoints, only a registered

@@ -174,7 +174,8 @@ def pipeline(pipeline_file, overrides, no_eval):
 
 @main.command()
 @click.argument("teacher", type=CHECKPOINT)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the pair shards.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory (or s3://, gs:// URI) for the pair shards.")
 @click.option("--count", default=2048, show_default=True, help="Pairs in all (a multiple of --per-shard).")
 @click.option("--per-shard", default=256, show_default=True, help="Pairs per shard: one Ray task each.")
 @click.option("--steps", default=32, show_default=True, help="Teacher ODE steps.")

@@ -1,5 +1,6 @@
-"""Runs on object storage: `train.storage_path` may be a URI (s3://, gs://, anything pyarrow opens),
-the filesystems Ray Train itself uploads checkpoints through. Credentials and endpoints come from the
+"""Runs and data on object storage: `train.storage_path`, data shards, reflow pairs and pipelines may
+live at a URI (s3://, gs://, anything pyarrow opens), the filesystems Ray Train itself uploads
+checkpoints through. Credentials and endpoints come from the
 environment as pyarrow reads them (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
 GOOGLE_APPLICATION_CREDENTIALS, ...).
 
@@ -46,6 +47,63 @@ def _fs(uri: str):
         from dtrain.checkpoint import CheckpointError
 
         raise CheckpointError(f"{uri}: cannot open its filesystem: {e}") from None
+
+
+def parent(path: str) -> str:
+    """The directory (or prefix) holding a local path or URI."""
+    return path.rsplit("/", 1)[0] if is_uri(path) else str(Path(path).parent)
+
+
+def sibling(path: str, name: str) -> str:
+    """The path or URI of `name` beside `path`."""
+    return f"{parent(path)}/{name}"
+
+
+def file_info(uri: str):
+    """pyarrow's FileInfo of one object: .type (NotFound, File, Directory), .size, .mtime_ns."""
+    fs, path = _fs(uri)
+    return fs.get_file_info(path)
+
+
+def exists(path: str | Path) -> bool:
+    """A local path or a URI."""
+    return file_info(str(path)).type.name != "NotFound" if is_uri(path) else Path(path).exists()
+
+
+def open_stream(uri: str):
+    """A sequential binary reader of one object (a file-like pyarrow NativeFile)."""
+    fs, path = _fs(uri)
+    return fs.open_input_stream(path)
+
+
+def read_text(path: str | Path) -> str:
+    """A local path or a URI."""
+    if not is_uri(path):
+        return Path(path).read_text()
+    with open_stream(str(path)) as f:
+        return f.read().decode()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """A local path (written beside, then renamed) or a URI (an object store's put is atomic): readers
+    see the old content or the whole new one, never part."""
+    if not is_uri(path):
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, path = _fs(str(path))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def upload(local: str | Path, uri: str) -> None:
+    """One local file to an object (atomically, as write_bytes)."""
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, length=16 << 20)
 
 
 def registered_checkpoints(run_uri: str) -> list[str] | None:

@@ -113,11 +113,14 @@ def make_tracker(cfg, rank: int, run_dir: Path, config_dict: dict, resume_step: 
     return MultiTracker(*trackers)
 
 
-def log_eval(ckpt: Path, cfg, result: dict, images: dict[str, Path] | None = None) -> bool:
+def log_eval(ckpt: str | Path, cfg, result: dict, images: dict[str, Path] | None = None) -> bool:
     """Add an evaluation's rows (a W&B table and eval/<metric>@<sampler>-<steps> summaries) and
     `images` (name -> PNG) to the W&B run that trained checkpoint `ckpt`, at its step. Only where
     that run used W&B (its run directory keeps a `wandb_id`); returns whether it logged."""
-    run_dir = Path(ckpt).parent
+    from dtrain.storage import is_uri, local_run_dir
+
+    # a run in a bucket keeps its W&B files (and wandb_id) in the driver's local run directory
+    run_dir = local_run_dir(cfg.train.storage_path, cfg.train.run_name) if is_uri(ckpt) else Path(ckpt).parent
     mode = wandb_mode(cfg.tracking.mode)
     if not (run_dir / "wandb_id").is_file() or not cfg.tracking.wandb or mode == "disabled":
         return False

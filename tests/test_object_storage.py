@@ -73,13 +73,34 @@ def test_serving_pins_a_bucket_version_to_its_registered_checkpoint(hand_run):
     assert single.models["run"].versions == {"checkpoint_00000002": f"{hand_run}/checkpoint_00000002"}
 
 
-def test_a_pipeline_refuses_a_bucket_storage_path(s3_bucket):
-    from dtrain.config import ConfigError, load_pipeline
-    from dtrain.train.pipeline import run_pipeline
+@pytest.fixture(scope="module")
+def bucket_digits(s3_bucket, digits_dir):
+    """The digits shards, copied into the bucket."""
+    upload(digits_dir, f"{s3_bucket}/data/digits")
+    return f"{s3_bucket}/data/digits"
 
-    p = load_pipeline("configs/pipeline.yaml", [f"train.storage_path={s3_bucket}/runs"])
-    with pytest.raises(ConfigError, match="storage_path"):
-        run_pipeline(p)
+
+def test_shards_in_the_bucket_read_and_resume_as_local_ones(bucket_digits, digits_dir):
+    from itertools import islice
+
+    import torch
+
+    from dtrain.data.shards import DataError, expand_urls, load_images, shard_count, train_batches
+
+    local, remote = (f"{d}/train-{{000000..000003}}.tar" for d in (digits_dir, bucket_digits))
+    assert [shard_count(u) for u in expand_urls(remote)] == [shard_count(u) for u in expand_urls(local)]
+    ref = list(islice(train_batches(local, 0, 2, 0, 16, 32), 12))
+    got = list(islice(train_batches(remote, 0, 2, 0, 16, 32), 12))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got))
+    # a resume deep into the data skips whole shards by their counts, as locally: the same batches follow
+    deep = len(ref) + 60
+    assert torch.equal(next(train_batches(remote, 0, 2, 0, 16, 32, skip=deep))[0],
+                       next(islice(train_batches(local, 0, 2, 0, 16, 32), deep, None))[0])
+    x, y = load_images(f"{bucket_digits}/val-000000.tar")
+    x0, y0 = load_images(f"{digits_dir}/val-000000.tar")
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    with pytest.raises(DataError, match="1 shard.*not found.*train-000004.tar"):
+        expand_urls(f"{bucket_digits}/train-{{000003..000004}}.tar")
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +145,42 @@ def test_sample_and_export_read_a_run_in_the_bucket(bucket_run, s3_bucket, tmp_p
     assert r.exit_code == 0 and (tmp_path / "grid.png").stat().st_size > 0, r.output
     out = export(run, tmp_path / "model.safetensors")
     assert read_meta(out)["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_pipeline_runs_in_the_bucket_and_resumes_from_it(ray_cluster, s3_bucket, bucket_digits, tmp_path, capsys):
+    """Data, runs, reflow pairs, the pipeline's state and its evaluation all in the bucket; nothing
+    of it in the working directory."""
+    from dtrain.config import load_pipeline
+    from dtrain.eval.pipeline import evaluate_pipeline
+    from dtrain.storage import exists, read_text
+    from dtrain.train.pipeline import run_pipeline, state_path
+
+    root = f"{s3_bucket}/pipe"
+    overrides = tiny_overrides(bucket_digits, tmp_path) + [f"train.storage_path={root}", "train.steps=4",
+                                                           "train.ckpt_every=4", "tracking.wandb=true"]
+    (tmp_path / "exp.yaml").write_text(open("configs/quickstart.yaml").read())
+    path = tmp_path / "p.yaml"
+    path.write_text("name: s3\nconfig: exp.yaml\noverrides: " + json.dumps(overrides) + "\nstages:\n"
+                    "  - kind: pretrain\n  - kind: reflow\n    pairs: {count: 32, per_shard: 16, steps: 2, sampler: euler}\n"
+                    "    overrides: [train.steps=2, sample.guidance=1.0]\n"
+                    "eval: {steps: [2], samples_per_class: 2, audit: false}\n")
+    p = load_pipeline(path)
+    state = run_pipeline(p)
+    pre, ref = state["stages"]["pretrain"]["checkpoint"], state["stages"]["reflow"]["checkpoint"]
+    assert pre == f"{root}/s3-pretrain/checkpoint_00000004" and ref == f"{root}/s3-reflow/checkpoint_00000002"
+    meta = read_meta(ref)
+    assert meta["parent"] == meta["teacher"] == pre and meta["pairs"] == f"{root}/s3-reflow-pairs"
+    assert json.loads(read_text(f"{root}/s3-reflow-pairs/pairs.json"))["teacher"] == pre
+    assert all(exists(f"{root}/s3-reflow-pairs/pairs-{i:06d}.tar") for i in (0, 1))
+    assert json.loads(read_text(state_path(p)))["stages"]["reflow"]["checkpoint"] == ref
+    assert not (tmp_path / "runs").exists()
+
+    capsys.readouterr()
+    assert run_pipeline(p) == state  # the rerun finds every stage done in the bucket
+    out = capsys.readouterr().out
+    assert "stage pretrain done" in out and "stage reflow done" in out
+
+    result = evaluate_pipeline(p, state, log=lambda s: None)
+    assert json.loads(read_text(f"{root}/s3-eval/eval.json"))["stages"]["reflow"]["teacher"] == pre
+    assert exists(f"{root}/s3-eval/fd_vs_nfe.png") and [r["stage"] for r in result["rows"]] == ["pretrain", "reflow"]

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from dtrain import storage
 from dtrain.data.shards import DataError, absolute_urls, decode_sample, encode_npy, expand_urls, load_images
 
 
@@ -45,10 +46,10 @@ def latents_meta(urls: str) -> dict | None:
     """What a checkpoint trained on the shards `urls` records under meta["latents"] so that sampling
     decodes through the same VAE: {vae_dir, scaling_factor, shift_factor} from the `latents.json`
     next to the first shard, or None for image shards."""
-    info = Path(expand_urls(urls)[0]).parent / "latents.json"
-    if not info.is_file():
+    info = storage.sibling(expand_urls(urls)[0], "latents.json")
+    if not storage.exists(info):
         return None
-    d = json.loads(info.read_text())
+    d = json.loads(storage.read_text(info))
     return {"vae_dir": d["vae_dir"], "scaling_factor": float(d["scaling_factor"]),
             "shift_factor": float(d.get("shift_factor") or 0.0)}
 

@@ -11,6 +11,8 @@ end), then batched across shard boundaries, so where a sample lands depends on i
 sample counts of the shards before it, never on their contents. That is what makes resuming cheap:
 a resumed run skips whole epochs and whole shards by arithmetic on per-shard sample counts (tar
 headers, `shard_count`) and drops the first samples of the current shard before they are decoded.
+Shards may live on object storage (s3://, gs://: any URI pyarrow opens; webdataset's own openers
+have none for s3): they are read through pyarrow's filesystems, as Ray Train writes checkpoints.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+from dtrain import storage
 
 
 class DataError(ValueError):
@@ -60,12 +64,27 @@ def write_shards(samples, out_pattern: str, per_shard: int) -> list[str]:
 
 
 def expand_urls(urls: str) -> list[str]:
+    """Brace patterns, '::'-joined -> shard paths or URIs, every one checked to exist."""
     shards = [u for part in urls.split("::") for u in braceexpand.braceexpand(part)]
-    local = [s for s in shards if "://" not in s]
-    missing = [s for s in local if not Path(s).is_file()]
+    missing = [s for s in shards if not (storage.exists(s) if storage.is_uri(s) else Path(s).is_file())]
     if missing:
         raise DataError(f"{len(missing)} shard(s) not found, e.g. {missing[0]} (run `dtrain data digits`?)")
     return shards
+
+
+def tar_samples(url: str, handler=wds.reraise_exception) -> Iterator[dict]:
+    """The raw samples of one shard, local or at a URI; read errors go to `handler` as in webdataset."""
+    if not storage.is_uri(url):
+        return wds.tarfile_to_samples(handler=handler)([{"url": url}])
+    return group_by_keys(tar_file_expander(_remote_stream(url, handler), handler=handler), handler=handler)
+
+
+def _remote_stream(url: str, handler):
+    try:
+        yield {"url": url, "stream": storage.open_stream(url)}
+    except Exception as e:  # as webdataset's url_opener: the handler decides
+        if not handler(e):
+            raise
 
 
 class CorruptShards:
@@ -115,21 +134,22 @@ def decode_sample(sample: dict) -> tuple:
     return x, int(sample["cls"])
 
 
-def shard_count(url: str) -> tuple[int, tuple[Exception, ...]] | None:
-    """(samples, read errors) of one local shard: what `tarfile_to_samples` yields from it. Cached per
-    (path, size, mtime) in this process. None for a remote shard ("://"): counting it would mean
-    downloading it, so a resume over remote shards replays the stream instead (see train_batches)."""
-    if "://" in url:
-        return None
-    st = os.stat(url)
-    key = (os.path.abspath(url), st.st_size, st.st_mtime_ns)
+def shard_count(url: str) -> tuple[int, tuple[Exception, ...]]:
+    """(samples, read errors) of one shard: what `tar_samples` yields from it, counted from the tar
+    headers without decoding. A shard on object storage is read once as a stream (its bytes, not its
+    decoded samples). Cached per (path, size, mtime) in this process."""
+    if storage.is_uri(url):
+        info = storage.file_info(url)
+        key, size = (url, info.size, info.mtime_ns), info.size
+    else:
+        st = os.stat(url)
+        key, size = (os.path.abspath(url), st.st_size, st.st_mtime_ns), st.st_size
     if key not in _COUNTS:
         try:
-            _COUNTS[key] = (_count_headers(url, st.st_size), ())
+            _COUNTS[key] = (_count_headers(url, size), ())
         except Exception:  # corrupt, compressed or unusual tar: count what the reader itself gets (no decoding)
             errors = []  # as text: webdataset's exceptions hold the open file
-            n = sum(1 for _ in wds.tarfile_to_samples(handler=lambda e: errors.append(DataError(str(e))) or True)(
-                [{"url": url}]))
+            n = sum(1 for _ in tar_samples(url, handler=lambda e: errors.append(DataError(str(e))) or True))
             _COUNTS[key] = (n, tuple(errors))
     return _COUNTS[key]
 
@@ -158,8 +178,11 @@ def _count_headers(path: str, size: int) -> int:
 
 
 def _regular_members(path: str, size: int) -> Iterator[str]:
-    """Names of the regular files of a plain tar from its headers (tarfile seeks over member data)."""
-    with tarfile.open(path, "r:") as tar:  # "r:": no compression; a compressed shard is counted by reading
+    """Names of the regular files of a plain tar from its headers (tarfile seeks over member data; an
+    object's stream is read through)."""
+    # "r:" / "r|": no compression; a compressed shard is counted by reading
+    with (tarfile.open(fileobj=storage.open_stream(path), mode="r|") if storage.is_uri(path)
+          else tarfile.open(path, "r:")) as tar:
         for m in tar:
             if m.sparse is not None or (not m.isfile() and m.size):
                 raise tarfile.ReadError(f"{path}: unusual member {m.name}")
@@ -213,7 +236,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
         return wds.batched(self.batch_size, partial=False)(map(decode_sample, samples))
 
     def _shard(self, url: str, drop: int):
-        raw = wds.tarfile_to_samples(handler=self.on_corrupt)([{"url": url}])
+        raw = tar_samples(url, handler=self.on_corrupt)
         rng = random.Random(f"{self.seed}/{self.epoch}/{os.path.basename(url)}")
         return itertools.islice(_shuffled(raw, self.shuffle_buffer, rng), drop, None)  # raw: dropped undecoded
 
@@ -244,11 +267,9 @@ def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch
 
 def _skip_position(shards, rank, world, seed, batch_size, workers, skip, on_corrupt):
     """Where `skip` batches of this rank end: (epoch, whole rounds of worker batches every worker drops
-    in it, batches left to drop from the loader, shard counts), or None when a shard cannot be counted.
+    in it, batches left to drop from the loader, shard counts).
     A DataLoader yields its workers' batches round-robin, in order, leaving out exhausted workers, so
     round j holds batch j of every worker that has more than j batches this epoch."""
-    if any("://" in u for u in shards):
-        return None
     counts, epoch = {}, 0
     while True:
         mine = _rank_shards(shards, rank, world, epoch, seed)
@@ -274,15 +295,14 @@ def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, 
                   on_corrupt: CorruptShards | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless stream of (x [B, C, H, W], labels [B]) for this rank, epoch after epoch: images in
     [-1, 1], or latents as stored; pair shards add their noise (x, labels, noise [B, C, H, W]).
-    `skip` batches are dropped first: that is how a resumed run continues where it stopped. Local shards
-    are skipped by their sample counts, without decoding; remote ones are replayed batch by batch."""
+    `skip` batches are dropped first: that is how a resumed run continues where it stopped. Shards are
+    skipped by their sample counts, without decoding."""
     on_corrupt = on_corrupt or CorruptShards()
     epoch, rounds, drop, counts = 0, 0, skip, None
     shards = expand_urls(urls)
     if skip and len(shards) >= world:  # too few shards: epoch_dataset says so below
-        pos = _skip_position(shards, rank, world, seed, batch_size, max(1, loader_workers), skip, on_corrupt)
-        if pos is not None:  # None (remote shards): replay, reading and decoding every skipped batch
-            epoch, rounds, drop, counts = pos
+        epoch, rounds, drop, counts = _skip_position(shards, rank, world, seed, batch_size, max(1, loader_workers),
+                                                     skip, on_corrupt)
     while True:
         ds = epoch_dataset(urls, rank, world, epoch, seed, batch_size, shuffle_buffer, on_corrupt, rounds, counts)
         loader = wds.WebLoader(ds, batch_size=None, num_workers=loader_workers) if loader_workers else ds
@@ -301,7 +321,7 @@ def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, 
 def load_images(urls: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All (or the first `limit`) samples of some shards, in order: for evaluation and tests."""
     xs, ys = [], []
-    for sample in wds.DataPipeline(wds.SimpleShardList(expand_urls(urls)), wds.tarfile_to_samples()):
+    for sample in itertools.chain.from_iterable(map(tar_samples, expand_urls(urls))):
         x, y, *_ = decode_sample(sample)
         xs.append(x)
         ys.append(y)

@@ -2,7 +2,8 @@
 
 Writes to `<storage>/<pipeline>-eval/`: `eval.json` (every stage's rows and lineage), `fd_vs_nfe.png`
 (one line per stage and sampler; digits data), a sample grid per stage at its fewest and most
-steps and, for digits, each stage's bias audit; returns the same dict. Each stage's figures also go
+steps and, for digits, each stage's bias audit; returns the same dict. Where `<storage>` is a URI,
+they are written to a local cache directory first, then uploaded. Each stage's figures also go
 to the W&B run that trained it. Mixture data (`dtrain data gmm`) gets its exact metrics instead of FD.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dtrain.eval.mixture import format_table as mixture_table
 from dtrain.generation import render
 from dtrain.images import save_grid
 from dtrain.tracking import log_eval
-from dtrain.train.pipeline import state_path
+from dtrain.storage import is_uri, local_run_dir, upload
+from dtrain.train.pipeline import storage_root
 
 
 def _grids(ckpt: str, out: Path, stage: str, steps_list: list[int], sampler: str, per_class: int = 8) -> list[str]:
@@ -37,7 +39,8 @@ def _grids(ckpt: str, out: Path, stage: str, steps_list: list[int], sampler: str
 
 
 def evaluate_pipeline(p: PipelineConfig, state: dict, log: Callable[[str], None] = print) -> dict:
-    out = state_path(p).parent / f"{p.name}-eval"
+    root = storage_root(p)
+    out = local_run_dir(root, f"{p.name}-eval")
     e = p.eval
     result: dict = {"pipeline": p.name, "stages": {}, "rows": []}
     for name, st in state["stages"].items():
@@ -62,7 +65,7 @@ def evaluate_pipeline(p: PipelineConfig, state: dict, log: Callable[[str], None]
             row["stage"] = name
             row["series"] = name if len({q["sampler"] for q in r["rows"]}) == 1 else f"{name} {row['sampler']}"
             result["rows"].append(row)
-        log_eval(Path(ckpt), read_config(ckpt), r, {Path(g).stem: Path(g) for g in r.get("grids", [])})
+        log_eval(ckpt, read_config(ckpt), r, {Path(g).stem: Path(g) for g in r.get("grids", [])})
         meta = read_meta(ckpt)
         result["stages"][name] = {**{k: v for k, v in r.items() if k != "rows"}, "kind": st["kind"],
                                   "parent": meta.get("parent"), "teacher": meta.get("teacher")}
@@ -71,4 +74,8 @@ def evaluate_pipeline(p: PipelineConfig, state: dict, log: Callable[[str], None]
     if "noise_floor_fd" in result:
         plot = plot_fd_vs_nfe(result, out / "fd_vs_nfe.png", title=f"pipeline {p.name}: FD vs NFE per stage")
         log(f"wrote {out / 'eval.json'}, {plot} and sample grids in {out}")
+    if is_uri(root):
+        for f in sorted(out.iterdir()):
+            upload(f, f"{root}/{p.name}-eval/{f.name}")
+        log(f"uploaded them to {root}/{p.name}-eval/")
     return result

@@ -7,11 +7,14 @@ solves in fixed chunks of CHUNK seeds, and writes its tar under a temporary name
 when complete. So a shard on disk is finished, a killed job reruns only the missing ones, and the
 pairs do not depend on how many workers made them. `pairs.json` beside the shards records the
 teacher and the sampler (the reflow stage's lineage); a rerun with other settings is refused.
+The output may be a URI (s3://...): a shard is then written locally and uploaded whole (an object
+store's put is atomic, so there too a shard that exists is finished).
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import torch
 import webdataset as wds
 
 from dtrain import checkpoint as ckpt_io
+from dtrain import storage
 from dtrain.data.shards import DataError, encode_npy
 from dtrain.diffusion.samplers import initial_noise
 from dtrain.train.stages import PAIRS_FILE
@@ -34,10 +38,12 @@ def write_pair_shard(teacher: str, out: str, index: int, per_shard: int, steps: 
 
     net, cfg = ckpt_io.load_model(teacher)
     m = cfg.model
-    path = Path(out) / SHARD_NAME.format(index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with wds.TarWriter(str(tmp)) as sink:
+    path = f"{out}/{SHARD_NAME.format(index)}"
+    remote = storage.is_uri(out)
+    if not remote:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mktemp(suffix=".tar") if remote else str(Path(out) / f".{SHARD_NAME.format(index)}.tmp")
+    with wds.TarWriter(tmp) as sink:
         for lo in range(index * per_shard, (index + 1) * per_shard, CHUNK):
             seeds = list(range(lo, min(lo + CHUNK, (index + 1) * per_shard)))
             labels = torch.tensor(seeds) % m.num_classes
@@ -47,47 +53,58 @@ def write_pair_shard(teacher: str, out: str, index: int, per_shard: int, steps: 
                 sink.write({"__key__": f"{s:09d}", "x.npy": encode_npy(xi.numpy().astype(np.float32)),
                             "noise.npy": encode_npy(ni.numpy().astype(np.float32)),
                             "cls": str(y).encode(), "seed": str(s).encode()})
-    os.replace(tmp, path)
-    return str(path)
+    if remote:
+        storage.upload(tmp, path)
+        os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
+    return path
 
 
 def generate_pairs(teacher: str, out: str | Path, count: int, per_shard: int = 256, steps: int = 32,
                    sampler: str = "heun", guidance: float = 1.0) -> list[str]:
-    """Pairs from `teacher` (a checkpoint or run dir) into `out`, on the connected Ray cluster (call
-    dtrain.runtime.ensure_ray first). Finished shards are kept; returns every shard path."""
+    """Pairs from `teacher` (a checkpoint or run dir, local or a URI) into `out` (a directory or a URI),
+    on the connected Ray cluster (call dtrain.runtime.ensure_ray first). Finished shards are kept;
+    returns every shard's path."""
     from dtrain.runtime import run_tasks
 
     if count <= 0 or per_shard <= 0 or count % per_shard:
         raise DataError(f"pairs: count {count} must be a positive multiple of per_shard {per_shard}")
-    ckpt = ckpt_io.resolve(teacher).resolve()
+    ckpt = ckpt_io.locate(teacher)
     meta = ckpt_io.read_meta(ckpt)
-    out = Path(out).resolve()
-    info = {"teacher": str(ckpt), "teacher_stage": meta.get("stage"), "teacher_reflow_k": meta.get("reflow_k", 1),
+    out = _absolute(out)
+    info = {"teacher": ckpt, "teacher_stage": meta.get("stage"), "teacher_reflow_k": meta.get("reflow_k", 1),
             "teacher_step": meta.get("step"), "sampler": sampler, "steps": steps, "guidance": guidance,
             "count": count, "per_shard": per_shard}
-    out.mkdir(parents=True, exist_ok=True)
-    existing = out / PAIRS_FILE
-    if existing.is_file() and json.loads(existing.read_text()) != info:
+    if not storage.is_uri(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    existing = f"{out}/{PAIRS_FILE}"
+    if storage.exists(existing) and json.loads(storage.read_text(existing)) != info:
         raise DataError(f"{out} holds pairs made with other settings ({existing}): choose another --out, "
                         f"or delete it to start over")
-    existing.write_text(json.dumps(info, indent=2))
+    storage.write_bytes(existing, json.dumps(info, indent=2).encode())
     lat = meta.get("latents")
     if isinstance(lat, dict):  # latent pairs decode through the teacher's VAE: the student records it too
-        (out / "latents.json").write_text(json.dumps(lat))
-    shards = [out / SHARD_NAME.format(i) for i in range(count // per_shard)]
-    todo = [i for i, p in enumerate(shards) if not p.is_file()]
+        storage.write_bytes(f"{out}/latents.json", json.dumps(lat).encode())
+    shards = [f"{out}/{SHARD_NAME.format(i)}" for i in range(count // per_shard)]
+    todo = [i for i, p in enumerate(shards) if not storage.exists(p)]
     if todo:
         print(f"[dtrain] pairs: {len(todo)} of {len(shards)} shard(s) of {per_shard} from {ckpt} "
               f"({sampler}, {steps} steps, guidance {guidance})", flush=True)
-        run_tasks(write_pair_shard, [(str(ckpt), str(out), i, per_shard, steps, sampler, guidance) for i in todo],
+        run_tasks(write_pair_shard, [(ckpt, out, i, per_shard, steps, sampler, guidance) for i in todo],
                   desc="pair shards")
-    for stale in out.glob(".pairs-*.tmp"):  # left by a killed task; its shard was just rewritten
-        stale.unlink(missing_ok=True)
-    return [str(p) for p in shards]
+    if not storage.is_uri(out):
+        for stale in Path(out).glob(".pairs-*.tmp"):  # left by a killed task; its shard was just rewritten
+            stale.unlink(missing_ok=True)
+    return shards
+
+
+def _absolute(out: str | Path) -> str:
+    return str(out).rstrip("/") if storage.is_uri(out) else str(Path(out).resolve())
 
 
 def shard_urls(out: str | Path, count: int, per_shard: int) -> str:
-    """The brace URL of a pairs directory's shards, for data.train_shards."""
+    """The brace URL of a pairs directory's (or prefix's) shards, for data.train_shards."""
     n = count // per_shard
-    return str(Path(out).resolve() / f"pairs-{{000000..{n - 1:06d}}}.tar")
+    return f"{_absolute(out)}/pairs-{{000000..{n - 1:06d}}}.tar"
 

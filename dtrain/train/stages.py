@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from dtrain import checkpoint as ckpt_io
+from dtrain import storage
 from dtrain.data.shards import CorruptShards, DataError, expand_urls, train_batches
 from dtrain.diffusion import build_objective, prediction_and_path
 from dtrain.diffusion.consistency import ConsistencyDistillation, intervals_at
@@ -106,7 +107,7 @@ def reflow(cfg) -> Stage:
     info = read_pairs_info(cfg.data.train_shards)
     k = int(info.get("teacher_reflow_k") or 1) + 1  # a pretrained flow is 1-rectified; each reflow adds one
     return Stage("reflow", RectifiedFlowLoss(cfg.objective.time_sampling), parent=_parent(cfg),
-                 lineage={"teacher": info["teacher"], "reflow_k": k, "pairs": str(Path(expand_urls(cfg.data.train_shards)[0]).parent)})
+                 lineage={"teacher": info["teacher"], "reflow_k": k, "pairs": storage.parent(expand_urls(cfg.data.train_shards)[0])})
 
 
 class Distill(Stage):
@@ -184,7 +185,7 @@ def _gathered(params: list):
 
 
 def distill(cfg) -> Stage:
-    teacher = str(ckpt_io.resolve(cfg.stage.teacher).resolve())
+    teacher = ckpt_io.locate(cfg.stage.teacher)
     return Distill("distill", None, parent=_parent(cfg),
                    lineage={"teacher": teacher, "teacher_solver": cfg.stage.teacher_solver,
                             "teacher_guidance": cfg.stage.teacher_guidance, "target_decay": cfg.stage.target_decay,
@@ -200,12 +201,12 @@ def build_stage(cfg) -> Stage:
 
 def read_pairs_info(urls: str) -> dict:
     """The `pairs.json` beside pair shards; DataError when the shards are not pairs."""
-    info = Path(expand_urls(urls)[0]).parent / PAIRS_FILE
-    if not info.is_file():
+    info = storage.sibling(expand_urls(urls)[0], PAIRS_FILE)
+    if not storage.exists(info):
         raise DataError(f"stage reflow trains on pairs, but {info} is missing: data.train_shards={urls} are not "
                         "pair shards (make them with `dtrain pairs TEACHER --out DIR`)")
-    return json.loads(info.read_text())
+    return json.loads(storage.read_text(info))
 
 
 def _parent(cfg) -> str | None:
-    return str(ckpt_io.resolve(cfg.stage.init_from).resolve()) if cfg.stage.init_from else None
+    return ckpt_io.locate(cfg.stage.init_from) if cfg.stage.init_from else None
