@@ -16,6 +16,7 @@ have none for s3): they are read through pyarrow's filesystems, as Ray Train wri
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -81,10 +82,13 @@ def tar_samples(url: str, handler=wds.reraise_exception) -> Iterator[dict]:
 
 def _remote_stream(url: str, handler):
     try:
-        yield {"url": url, "stream": storage.open_stream(url)}
+        stream = storage.open_stream(url)
     except Exception as e:  # as webdataset's url_opener: the handler decides
-        if not handler(e):
-            raise
+        if handler(e):
+            return
+        raise
+    with stream:  # closed once the reader has gone through it
+        yield {"url": url, "stream": stream}
 
 
 class CorruptShards:
@@ -180,9 +184,9 @@ def _count_headers(path: str, size: int) -> int:
 def _regular_members(path: str, size: int) -> Iterator[str]:
     """Names of the regular files of a plain tar from its headers (tarfile seeks over member data; an
     object's stream is read through)."""
-    # "r:" / "r|": no compression; a compressed shard is counted by reading
-    with (tarfile.open(fileobj=storage.open_stream(path), mode="r|") if storage.is_uri(path)
-          else tarfile.open(path, "r:")) as tar:
+    remote = storage.is_uri(path)  # "r:" / "r|": no compression; a compressed shard is counted by reading
+    with (storage.open_stream(path) if remote else contextlib.nullcontext()) as stream, \
+            tarfile.open(None if remote else path, "r|" if remote else "r:", fileobj=stream) as tar:
         for m in tar:
             if m.sparse is not None or (not m.isfile() and m.size):
                 raise tarfile.ReadError(f"{path}: unusual member {m.name}")

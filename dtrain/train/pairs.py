@@ -42,7 +42,11 @@ def write_pair_shard(teacher: str, out: str, index: int, per_shard: int, steps: 
     remote = storage.is_uri(out)
     if not remote:
         Path(out).mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mktemp(suffix=".tar") if remote else str(Path(out) / f".{SHARD_NAME.format(index)}.tmp")
+    if remote:
+        fd, tmp = tempfile.mkstemp(suffix=".tar")
+        os.close(fd)
+    else:
+        tmp = str(Path(out) / f".{SHARD_NAME.format(index)}.tmp")
     with wds.TarWriter(tmp) as sink:
         for lo in range(index * per_shard, (index + 1) * per_shard, CHUNK):
             seeds = list(range(lo, min(lo + CHUNK, (index + 1) * per_shard)))
