@@ -127,6 +127,6 @@ def test_the_larger_preset_loads_with_a_flow_map_of_the_pretrained_stage():
     p = load_pipeline("configs/pipeline-large.yaml")
     assert [(s.kind, s.name, s.parent) for s in p.stages] == [
         ("pretrain", "pretrain", ""), ("reflow", "reflow", ""), ("distill", "distill", ""),
-        ("distill", "flowmap", "pretrain")]
-    fm = stage_config(p, p.stages[3], ["stage.teacher=x"])
+        ("distill", "distill_direct", "pretrain"), ("distill", "flowmap", "pretrain")]
+    fm = stage_config(p, p.stages[4], ["stage.teacher=x"])
     assert fm.model.flow_map and fm.objective.name == "mean_flow" and fm.sample.sampler == "flow_map"
