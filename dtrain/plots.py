@@ -14,7 +14,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+# matplotlib's tab10: ten series before a colour repeats
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 GREY, GRID = (120, 120, 120), (230, 230, 230)
 Series = dict[str, list[tuple[float, float]]]  # series name -> its (x, y) points
 
