@@ -49,6 +49,11 @@ def _fs(uri: str):
         raise CheckpointError(f"{uri}: cannot open its filesystem: {e}") from None
 
 
+def absolute(path: str | Path) -> str:
+    """A URI as given (no trailing slash), a local path made absolute: what other machines can find."""
+    return str(path).rstrip("/") if is_uri(path) else str(Path(path).resolve())
+
+
 def parent(path: str) -> str:
     """The directory (or prefix) holding a local path or URI."""
     return path.rsplit("/", 1)[0] if is_uri(path) else str(Path(path).parent)
@@ -92,18 +97,20 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, path)
         return
-    fs, path = _fs(str(path))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
+    with _output_stream(str(path)) as f:
         f.write(data)
 
 
 def upload(local: str | Path, uri: str) -> None:
     """One local file to an object (atomically, as write_bytes)."""
-    fs, path = _fs(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+    with open(local, "rb") as src, _output_stream(uri) as dst:
         shutil.copyfileobj(src, dst, length=16 << 20)
+
+
+def _output_stream(uri: str):
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)  # a local filesystem needs the parent directory
+    return fs.open_output_stream(path)
 
 
 def registered_checkpoints(run_uri: str) -> list[str] | None:

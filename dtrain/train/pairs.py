@@ -40,12 +40,11 @@ def write_pair_shard(teacher: str, out: str, index: int, per_shard: int, steps: 
     m = cfg.model
     path = f"{out}/{SHARD_NAME.format(index)}"
     remote = storage.is_uri(out)
-    if not remote:
-        Path(out).mkdir(parents=True, exist_ok=True)
     if remote:
         fd, tmp = tempfile.mkstemp(suffix=".tar")
         os.close(fd)
     else:
+        Path(out).mkdir(parents=True, exist_ok=True)
         tmp = str(Path(out) / f".{SHARD_NAME.format(index)}.tmp")
     with wds.TarWriter(tmp) as sink:
         for lo in range(index * per_shard, (index + 1) * per_shard, CHUNK):
@@ -76,7 +75,7 @@ def generate_pairs(teacher: str, out: str | Path, count: int, per_shard: int = 2
         raise DataError(f"pairs: count {count} must be a positive multiple of per_shard {per_shard}")
     ckpt = ckpt_io.locate(teacher)
     meta = ckpt_io.read_meta(ckpt)
-    out = _absolute(out)
+    out = storage.absolute(out)
     info = {"teacher": ckpt, "teacher_stage": meta.get("stage"), "teacher_reflow_k": meta.get("reflow_k", 1),
             "teacher_step": meta.get("step"), "sampler": sampler, "steps": steps, "guidance": guidance,
             "count": count, "per_shard": per_shard}
@@ -103,12 +102,8 @@ def generate_pairs(teacher: str, out: str | Path, count: int, per_shard: int = 2
     return shards
 
 
-def _absolute(out: str | Path) -> str:
-    return str(out).rstrip("/") if storage.is_uri(out) else str(Path(out).resolve())
-
-
 def shard_urls(out: str | Path, count: int, per_shard: int) -> str:
     """The brace URL of a pairs directory's (or prefix's) shards, for data.train_shards."""
     n = count // per_shard
-    return f"{_absolute(out)}/pairs-{{000000..{n - 1:06d}}}.tar"
+    return f"{storage.absolute(out)}/pairs-{{000000..{n - 1:06d}}}.tar"
 

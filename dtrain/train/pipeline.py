@@ -25,8 +25,7 @@ from dtrain.train.pairs import generate_pairs, shard_urls
 
 def storage_root(p: PipelineConfig) -> str:
     """Where the pipeline's runs live: an absolute directory or a URI."""
-    root = stage_config(p, p.stages[0]).train.storage_path
-    return root.rstrip("/") if storage.is_uri(root) else str(Path(root).resolve())
+    return storage.absolute(stage_config(p, p.stages[0]).train.storage_path)
 
 
 def state_path(p: PipelineConfig) -> str:
