@@ -23,16 +23,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dtrain.errors import DtrainError
 from dtrain import storage
 from dtrain.config import Config, ConfigError, from_yaml, to_yaml
 
 CONFIG_FILE, WEIGHTS_FILE, META_FILE, DEEPSPEED_DIR = "config.yaml", "model.safetensors", "meta.json", "deepspeed"
+INFERENCE_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE)  # what sampling and serving read (and fetch from a URI)
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 STAGE_STATE_FILE = "stage.safetensors"  # a stage's own networks (a consistency target), for exact resume
 UNIVERSAL_DIR, DEEPSPEED_TAG = "deepspeed_universal", "state"  # DeepSpeed's per-save subdirectory name
 EXPORT_CONFIG_KEY, EXPORT_META_KEY = "dtrain.config", "dtrain.meta"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DtrainError, ValueError):
     """A checkpoint that is missing, incomplete or does not match its config."""
 
 
@@ -57,13 +60,13 @@ def write_inference_files(directory: str | Path, weights: dict[str, torch.Tensor
 
 
 def is_complete(d: Path) -> bool:
-    return all((d / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE, META_FILE))
+    return all((d / f).is_file() for f in INFERENCE_FILES)
 
 
 def locate(path: str | Path) -> str:
     """The checkpoint `path` names, as lineage records it and other machines find it: a URI's
     registered checkpoint (never the local cache it is fetched into), else resolve()'s absolute path."""
-    return storage.checkpoint_uri(str(path)) if storage.is_uri(path) else str(resolve(path).resolve())
+    return checkpoint_uri(str(path)) if storage.is_uri(path) else str(resolve(path).resolve())
 
 
 def resolve(path: str | Path) -> Path:
@@ -71,16 +74,16 @@ def resolve(path: str | Path) -> Path:
     complete checkpoint; where Ray Train keeps a snapshot of the run's checkpoints, only a registered
     one (every rank's upload done). A URI (s3://...) is fetched into a local cache first."""
     if storage.is_uri(path):
-        return storage.fetch_checkpoint(str(path))
+        return fetch_checkpoint(str(path))
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no such checkpoint or run directory: {p}")
     if p.is_file() or is_complete(p):
         return p
     found = sorted(c for c in p.glob("checkpoint_*") if is_complete(c))
-    snapshot = p / storage.SNAPSHOT
+    snapshot = p / SNAPSHOT
     if snapshot.is_file():
-        registered = set(storage.registered_checkpoints(str(p.resolve())) or [])
+        registered = set(registered_checkpoints(str(p.resolve())) or [])
         found = [c for c in found if c.name in registered]
     if not found:
         raise CheckpointError(f"{p} holds no complete checkpoint (needs {CONFIG_FILE}, {WEIGHTS_FILE}, {META_FILE})")
@@ -151,3 +154,54 @@ def load_model(ckpt: str | Path) -> tuple[torch.nn.Module, Config]:
                               f"{sorted(got.keys() - expected.keys())[:3]}, wrong shape {sorted(wrong)[:3]}")
     net.load_state_dict(state)
     return net.eval(), cfg
+
+
+# ---- checkpoints on object storage ----
+# A checkpoint counts once Ray Train registered it in the run's `checkpoint_manager_snapshot.json`, which it
+# writes only after every rank reported, so after every rank's upload: `resolve` never picks a checkpoint
+# still being uploaded, or one whose upload died. Readers fetch a remote checkpoint's inference files
+# (config, weights, meta) once into a local cache and load them from there.
+
+def registered_checkpoints(run_uri: str) -> list[str] | None:
+    """The checkpoint directory names Ray Train registered in a run (oldest first), or None where
+    the run has no snapshot (written by hand, or by an older dtrain)."""
+    fs, path = storage.filesystem(run_uri)
+    try:
+        with fs.open_input_stream(f"{path.rstrip('/')}/{SNAPSHOT}") as f:
+            snapshot = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    return [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+
+
+def checkpoint_uri(uri: str) -> str:
+    """A remote run (-> its newest registered checkpoint), checkpoint (only a registered one) or exported
+    .safetensors file -> the URI of what to load. This is what a serving registry pins a version to."""
+    uri = uri.rstrip("/")
+    if uri.endswith(".safetensors"):
+        return uri
+    run, name = uri.rsplit("/", 1)
+    if name.startswith("checkpoint_"):
+        registered = registered_checkpoints(run)
+        if registered is not None and name not in registered:
+            raise CheckpointError(f"{uri} is not a registered checkpoint of its run (an upload that did not "
+                                  f"finish?); registered: {registered[-3:]}")
+        return uri
+    registered = registered_checkpoints(uri)
+    if not registered:
+        raise CheckpointError(f"{uri} holds no registered checkpoint ({SNAPSHOT} missing or empty)")
+    return f"{uri}/{registered[-1]}"
+
+
+def fetch_checkpoint(uri: str) -> Path:
+    """checkpoint_uri(uri), fetched once into the local cache (keyed by that URI): a local exported file
+    or checkpoint directory of its inference files."""
+    uri = checkpoint_uri(uri)
+    fs, path = storage.filesystem(uri)
+    if path.endswith(".safetensors"):
+        return storage.download_once(fs, {path: Path(path).name}, uri) / Path(path).name
+    files = {f"{path}/{f}": f for f in INFERENCE_FILES}
+    missing = [name for f, name in files.items() if fs.get_file_info(f).type.name == "NotFound"]
+    if missing:
+        raise CheckpointError(f"{uri} lacks {missing}: not a dtrain checkpoint")
+    return storage.download_once(fs, files, uri)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from dtrain.checkpoint import CheckpointError
-from dtrain.config import ConfigError, load_config, to_yaml
-from dtrain.data.shards import DataError
+from dtrain.config import load_config, to_yaml
 from dtrain.diffusion.samplers import SAMPLERS as SAMPLER_NAMES
+from dtrain.errors import DtrainError
 
 
 class CheckpointArg(click.ParamType):
@@ -32,22 +31,32 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class Commands(click.Group):
+    """The command group: dtrain's own errors (bad config, data, checkpoint, key, ...) from any command
+    end it with their one-line message and exit status 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DtrainError as e:
+            raise UserError(str(e)) from None
+
+
 def _config(path, overrides):
-    try:
-        return load_config(path, overrides)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    """A config checked by its section rules and by its stage kind's."""
+    from dtrain.train.stages import check_stage
+
+    cfg = load_config(path, overrides)
+    check_stage(cfg)
+    return cfg
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """dtrain: train and serve diffusion models with Ray Train, DeepSpeed and Ray Serve."""
-    from dtrain.secrets import SecretsError, unseal_into_environ
+    from dtrain.secrets import unseal_into_environ
 
-    try:
-        unseal_into_environ()  # a job from `dtrain submit`: its sealed secrets, before anything reads them
-    except SecretsError as e:
-        raise UserError(str(e)) from None
+    unseal_into_environ()  # a job from `dtrain submit`: its sealed secrets, before anything reads them
 
 
 @main.command("config")
@@ -84,15 +93,12 @@ def data_digits(out, image_size, train_shards):
 @click.option("--shards", "train_shards", default=4, show_default=True, help="Train shards (validation: one).")
 @click.option("--seed", default=0, show_default=True)
 def data_gmm(spec, out, n_train, n_val, train_shards, seed):
-    """Samples of a Gaussian mixture with exact ground truth (dtrain.eval.gmm) -> train and validation
+    """Samples of a Gaussian mixture with exact ground truth (dtrain.data.mixture) -> train and validation
     shards; each point is stored as latent.npy [D, 1, 1] and the spec is copied to OUT/gmm.json."""
     from dtrain.data.gmm import load_spec, write_gmm
 
-    try:
-        gmm = load_spec(spec)
-        shards = write_gmm(gmm, out, n_train=n_train, n_val=n_val, train_shards=train_shards, seed=seed)
-    except DataError as e:
-        raise UserError(str(e)) from None
+    gmm = load_spec(spec)
+    shards = write_gmm(gmm, out, n_train=n_train, n_val=n_val, train_shards=train_shards, seed=seed)
     click.echo(f"wrote {len(shards['train'])} train and {len(shards['val'])} validation shards to {out}; train with "
                f"model.arch=mlp model.in_channels={gmm.dim} model.image_size=1 model.patch_size=1 "
                f"model.num_classes={gmm.num_components}")
@@ -113,10 +119,7 @@ def data_encode(shards, vae_dir, out, batch_size, scale, address):
 
     from dtrain.data.latents import encode_shards
 
-    try:
-        paths = encode_shards(shards, vae_dir, out, batch_size=batch_size, scaling_factor=scale, address=address)
-    except DataError as e:
-        raise UserError(str(e)) from None
+    paths = encode_shards(shards, vae_dir, out, batch_size=batch_size, scaling_factor=scale, address=address)
     info = json.loads((Path(out) / "latents.json").read_text())
     click.echo(f"wrote {len(paths)} latent shards ({info['count']} samples, shape {info['shape']}) to {out}")
 
@@ -131,8 +134,6 @@ def train(config, overrides):
     cfg = _config(config, overrides)
     try:
         final = fit(cfg)
-    except (DataError, ConfigError) as e:
-        raise UserError(str(e)) from None
     except Interrupted as e:
         click.echo(f"interrupted by {e.signal_name}: saved step {e.step} to {e.checkpoint}\n"
                    f"rerun the same command to resume from it")
@@ -148,15 +149,12 @@ def pipeline(pipeline_file, overrides, no_eval):
     """Run the stages of PIPELINE_FILE in order (pretrain -> pairs -> reflow ...), each a Ray Train run
     started from the one before, then evaluate every stage. OVERRIDES (key=value) apply to every stage.
     Rerun to resume at the first unfinished stage."""
-    from dtrain.config import load_pipeline
     from dtrain.train.driver import Interrupted
-    from dtrain.train.pipeline import run_pipeline
+    from dtrain.train.pipeline import load_pipeline, run_pipeline
 
+    p = load_pipeline(pipeline_file, overrides)
     try:
-        p = load_pipeline(pipeline_file, overrides)
         state = run_pipeline(p)
-    except (DataError, ConfigError, CheckpointError) as e:
-        raise UserError(str(e)) from None
     except Interrupted as e:
         click.echo(f"interrupted by {e.signal_name}: saved step {e.step} to {e.checkpoint}\n"
                    f"rerun the same command to resume from it")
@@ -166,10 +164,7 @@ def pipeline(pipeline_file, overrides, no_eval):
     if not no_eval:
         from dtrain.eval.pipeline import evaluate_pipeline
 
-        try:
-            evaluate_pipeline(p, state, log=click.echo)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        evaluate_pipeline(p, state, log=click.echo)
 
 
 @main.command()
@@ -189,10 +184,7 @@ def pairs(teacher, out, count, per_shard, steps, sampler, guidance, address):
     from dtrain.train.pairs import generate_pairs, shard_urls
 
     ensure_ray(address)
-    try:
-        paths = generate_pairs(teacher, out, count, per_shard, steps, sampler, guidance)
-    except (DataError, CheckpointError) as e:
-        raise UserError(str(e)) from None
+    paths = generate_pairs(teacher, out, count, per_shard, steps, sampler, guidance)
     click.echo(f"wrote {len(paths)} pair shards ({count} pairs): data.train_shards={shard_urls(out, count, per_shard)}")
 
 
@@ -212,12 +204,9 @@ def submit(address, working_dir, runtime_env_file, is_pipeline, no_follow, confi
     from dtrain.submit import SubmitError, submit as submit_job
 
     if is_pipeline:  # a bad config fails here, not on the cluster
-        from dtrain.config import load_pipeline
+        from dtrain.train.pipeline import load_pipeline
 
-        try:
-            load_pipeline(config, list(overrides))
-        except ConfigError as e:
-            raise UserError(str(e)) from None
+        load_pipeline(config, list(overrides))
     else:
         _config(config, overrides)
     try:
@@ -229,15 +218,6 @@ def submit(address, working_dir, runtime_env_file, is_pipeline, no_follow, confi
     click.echo(f"job {job_id}: {status.value}")
     if status.value in ("FAILED", "STOPPED"):
         sys.exit(1)
-
-
-def _load(checkpoint):
-    from dtrain.checkpoint import load_model
-
-    try:
-        return load_model(checkpoint)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
 
 
 @main.command()
@@ -256,12 +236,12 @@ def sample(checkpoint, out, classes, per_class, steps, sampler, guidance, seed, 
     A checkpoint trained on VAE latents is decoded through its VAE."""
     import torch
 
-    from dtrain.checkpoint import read_meta
+    from dtrain.checkpoint import load_model, read_meta
     from dtrain.generation import nfe, render
     from dtrain.images import save_grid
     from dtrain.precision import choose
 
-    net, cfg = _load(checkpoint)
+    net, cfg = load_model(checkpoint)
     m, s = cfg.model, cfg.sample
     labels = list(range(m.num_classes)) if classes is None else [int(c) for c in classes.split(",")]
     bad = [c for c in labels if not 0 <= c < m.num_classes]
@@ -271,14 +251,12 @@ def sample(checkpoint, out, classes, per_class, steps, sampler, guidance, seed, 
     guidance = s.guidance if guidance is None else guidance
     choice = choose(precision, "cpu")
     cond = torch.tensor(labels).repeat_interleave(per_class)
-    try:
-        x = render(net, cfg, read_meta(checkpoint), cond, [seed + i for i in range(len(cond))], steps, guidance,
-                   choice.precision, sampler)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    x = render(net, cfg, read_meta(checkpoint), cond, [seed + i for i in range(len(cond))], steps, guidance,
+               choice.precision, sampler)
     factor = 4 if x.shape[-1] < 64 else 1  # upscale only tiny images (8-16 px digits) so they are visible
     click.echo(f"wrote {save_grid(x, out, ncol=per_class, factor=factor)} ({len(labels)} classes x {per_class}, "
-               f"{sampler} {steps} steps, {nfe(steps, guidance, sampler)} network evaluations per image, {choice.precision}: {choice.reason})")
+               f"{sampler} {steps} steps, {nfe(steps, guidance, sampler)} network evaluations per image, "
+               f"{choice.precision}: {choice.reason})")
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
@@ -301,7 +279,8 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 @click.option("--val-shards", default=None, help="Reference shards (default: data.val_shards of the checkpoint's config).")
 @click.option("--guidance", default=None, type=float, help="CFG scale (default: sample.guidance).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--feature-net", default="digits", show_default=True, help="digits (trained here, cached) | inception (local weights only).")
+@click.option("--feature-net", default="digits", show_default=True,
+              help="digits (trained here, cached) | inception (local weights only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @click.option("--plot", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG: FD against NFE; mixtures: velocity error against t; with --audit the class shares.")
@@ -319,7 +298,6 @@ def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, val_shards, gu
 
     from dtrain.checkpoint import read_config
     from dtrain.eval.digits import evaluate_checkpoint, format_table, plot_fd_vs_nfe
-    from dtrain.eval.features import FeatureNetUnavailable
     from dtrain.eval.mixture import evaluate_mixture_checkpoint, mixture_spec, plot_velocity_error
     from dtrain.eval.mixture import format_table as mixture_table
 
@@ -350,7 +328,7 @@ def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, val_shards, gu
                                      seed=seed, guidance=guidance, feature_net=feature_net,
                                      log=None if as_json else click.echo, samplers=sampler_list,
                                      use_ray=not in_process)
-    except (ValueError, FeatureNetUnavailable) as e:  # CheckpointError, DataError and bad inputs are ValueErrors
+    except ValueError as e:  # bad inputs the metrics refuse (dtrain's own errors are caught by Commands)
         raise UserError(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     path = plot_fd_vs_nfe(result, plot) if plot else None
@@ -372,10 +350,7 @@ def export(checkpoint, out):
     """Fold CHECKPOINT (EMA weights, config, meta) into one .safetensors file for inference."""
     from dtrain.checkpoint import export as export_checkpoint
 
-    try:
-        click.echo(f"wrote {export_checkpoint(checkpoint, out)}")
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    click.echo(f"wrote {export_checkpoint(checkpoint, out)}")
 
 
 @main.group()
@@ -488,7 +463,8 @@ def bench_serve(checkpoint, as_json, steps, seconds, concurrency, baseline, max_
 @click.argument("checkpoints", nargs=-1, required=True, type=CHECKPOINT)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--n", default=200, show_default=True, help="Watermarked and plain images per checkpoint.")
-@click.option("--invert-steps", default=None, type=int, help="Steps of the ODE inversion (default: the checkpoint's sample.steps).")
+@click.option("--invert-steps", default=None, type=int,
+              help="Steps of the ODE inversion (default: the checkpoint's sample.steps).")
 @click.option("--no-quality", is_flag=True, help="Skip the FD with and without the watermark.")
 def bench_watermark(checkpoints, as_json, n, invert_steps, no_quality):
     """Watermark TPR at 1% FPR per checkpoint (stage), clean and under JPEG, crop, resize, rotation, blur
@@ -514,7 +490,7 @@ def detect(images, checkpoint, key_files, steps):
 
     import torch
 
-    from dtrain.checkpoint import read_meta
+    from dtrain.checkpoint import load_model, read_meta
     from dtrain.generation import image_shape
     from dtrain.watermark import WatermarkKey, WatermarkKeyError, decode_for_model, default_key_file, recover_noise
     from dtrain.watermark import detect as detect_noise
@@ -523,7 +499,7 @@ def detect(images, checkpoint, key_files, steps):
         keys = [WatermarkKey.load(f) for f in key_files or [default_key_file()]]
     except (OSError, WatermarkKeyError) as e:
         raise UserError(f"no watermark key: {e}") from None
-    net, cfg = _load(checkpoint)
+    net, cfg = load_model(checkpoint)
     shape = image_shape(cfg, read_meta(checkpoint))
     x = []
     for i in images:
@@ -590,11 +566,9 @@ def serve(checkpoint, models_file, host, port, replicas, max_replicas, tokens_fi
     POST /v1/generate (watermarked images), POST /v1/detect, GET /v1/models, GET /healthz, docs at /docs."""
     from pydantic import ValidationError
 
-    from dtrain.config import ConfigError, _load_yaml
-    from dtrain.provenance import ProvenanceError
+    from dtrain.config import _load_yaml
     from dtrain.serving.app import run_blocking
     from dtrain.serving.config import Autoscaling, ServeArgs
-    from dtrain.watermark import WatermarkKeyError
 
     try:
         models = None
@@ -608,7 +582,7 @@ def serve(checkpoint, models_file, host, port, replicas, max_replicas, tokens_fi
                          watermark_key_file=watermark_key_file, provenance=not no_provenance,
                          provenance_cert_chain=provenance_cert_chain, provenance_key=provenance_key)
         run_blocking(args, host=host, port=port)
-    except (CheckpointError, ConfigError, ValidationError, FileNotFoundError, WatermarkKeyError, ProvenanceError) as e:
+    except (ValidationError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
 
 

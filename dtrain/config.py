@@ -12,8 +12,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dtrain.errors import DtrainError
 
-class ConfigError(ValueError):
+
+class ConfigError(DtrainError, ValueError):
     """A config that cannot run; the message names the offending key."""
 
 
@@ -60,12 +62,13 @@ class ObjectiveConfig:
 
 @dataclass
 class StageConfig:
-    # a key of dtrain.train.stages.STAGES: pretrain (images) | reflow (trains on (noise, label, sample)
-    # pairs a teacher wrote, `dtrain pairs`: data.train_shards points at them) | distill (consistency
-    # distillation of stage.teacher on images)
+    # a key of dtrain.train.stages.STAGES, checked there with the kind's own rules: pretrain (images) | reflow
+    # (trains on (noise, label, sample) pairs a teacher wrote, `dtrain pairs`: data.train_shards points at them)
+    # | consistency_distill (a consistency student of stage.teacher, on images) | flow_map_distill (a MeanFlow
+    # flow map of stage.teacher). `distill`, their name before, is read as one of the two by the objective.
     name: str = "pretrain"
     init_from: Optional[str] = None  # checkpoint (or run dir) whose EMA weights initialise the net: the parent
-    # distill (consistency distillation, dtrain.diffusion.consistency) only:
+    # consistency_distill and flow_map_distill only:
     teacher: Optional[str] = None  # the checkpoint whose ODE the student learns to jump along: a flow, a flow
     # map, or a DDPM model (eps / v / x0, read as a velocity on the student's linear path)
     teacher_solver: str = "heun"  # the teacher's ODE step between adjacent times: euler | heun
@@ -155,7 +158,7 @@ class PairsSpec:
 class StageSpec:
     kind: str = "pretrain"  # a key of dtrain.train.stages.STAGES
     name: str = ""  # this stage's name in the pipeline (default: kind, numbered when repeated: reflow, reflow2)
-    parent: str = ""  # the earlier stage this one starts from and (reflow, distill) is taught by; "" = the one before
+    parent: str = ""  # the earlier stage this one starts from and (reflow, distillation) is taught by; "" = the one before
     overrides: list[str] = field(default_factory=list)  # key=value onto the pipeline's config for this stage
     pairs: PairsSpec = field(default_factory=PairsSpec)  # reflow only
 
@@ -172,17 +175,21 @@ class PipelineEvalSpec:
 @dataclass
 class PipelineConfig:
     """`dtrain pipeline FILE`: stages that each train one Ray Train run, in order, each initialised
-    from (and, for reflow, taught by) the one before; then every stage is evaluated."""
+    from (and, for reflow and distillation, taught by) its parent; then every stage is evaluated."""
     name: str = "pipeline"  # runs are <train.storage_path>/<name>-<stage name>; state in <name>.pipeline.json
     config: str = ""  # the experiment config every stage starts from (relative to this file)
     overrides: list[str] = field(default_factory=list)  # key=value onto it for every stage
     stages: list[StageSpec] = field(default_factory=list)
     eval: PipelineEvalSpec = field(default_factory=PipelineEvalSpec)
+    root: str = ""  # set by load_pipeline: the stages' train.storage_path, absolute (or a URI); not for files
 
 
-def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """A pipeline file and `key=value` overrides (onto the experiment config of every stage) -> the
-    pipeline, every stage's config validated."""
+def read_pipeline(path: str | Path) -> PipelineConfig:
+    """A pipeline file, typed and checked within itself: stage names (default: the kind, numbered when
+    repeated), parents, pairs and samplers. The experiment config it names is resolved against the
+    file's directory. What each stage's kind requires is checked by dtrain.train.pipeline.load_pipeline."""
+    from dtrain.diffusion.samplers import SAMPLERS
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
@@ -191,39 +198,22 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     _check(bool(typed.config), "config", f"{path} names no experiment config")
     _check(bool(typed.stages), "stages", f"{path} lists no stage")
     typed.config = str((path.parent / typed.config).resolve())
-    typed.overrides = [*typed.overrides, *overrides]
     seen: dict[str, int] = {}
     for i, spec in enumerate(typed.stages):
         if not spec.name:
             seen[spec.kind] = seen.get(spec.kind, 0) + 1
             spec.name = spec.kind if seen[spec.kind] == 1 else f"{spec.kind}{seen[spec.kind]}"
-        _check(i > 0 or spec.kind == "pretrain", f"stages[{i}].kind", "the first stage must be pretrain")
         _check(spec.pairs.count > 0 and spec.pairs.count % spec.pairs.per_shard == 0, f"stages[{i}].pairs.count",
                f"{spec.pairs.count} is not a positive multiple of pairs.per_shard={spec.pairs.per_shard}")
+        _check(spec.pairs.sampler in SAMPLERS, f"stages[{i}].pairs.sampler", f"'{spec.pairs.sampler}' is not one of {SAMPLERS}")
     names = [s.name for s in typed.stages]
     _check(len(set(names)) == len(names), "stages", f"stage names repeat: {names}")
     for i, spec in enumerate(typed.stages):
         _check(not spec.parent or spec.parent in names[:i], f"stages[{i}].parent",
                f"'{spec.parent}' is not a stage before '{spec.name}' ({names[:i] or 'none'})")
-    from dtrain.diffusion.samplers import SAMPLERS
-
-    for i, spec in enumerate(typed.stages):
-        _check(spec.pairs.sampler in SAMPLERS, f"stages[{i}].pairs.sampler", f"'{spec.pairs.sampler}' is not one of {SAMPLERS}")
-        try:
-            # every stage's config is checked before the first one trains (a distill stage's teacher, the
-            # stage before it, is known only then)
-            stage_config(typed, spec, ["stage.teacher=previous-stage"] if spec.kind == "distill" else [])
-        except ConfigError as e:
-            raise ConfigError(f"{path}: stage '{spec.name}': {e}") from None
     bad = [v for v in typed.eval.samplers if v not in SAMPLERS]
     _check(not bad, "eval.samplers", f"{bad} not among {', '.join(SAMPLERS)}")
     return typed
-
-
-def stage_config(pipeline: PipelineConfig, spec: StageSpec, extra: list[str] | tuple[str, ...] = ()) -> Config:
-    """The experiment Config of one pipeline stage: the pipeline's config and overrides, the stage's own,
-    its kind, then `extra` (run name, parent, pair shards: what the pipeline decides at run time)."""
-    return load_config(pipeline.config, [*pipeline.overrides, *spec.overrides, f"stage.name={spec.kind}", *extra])
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
@@ -254,8 +244,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    typed.stage.name = current_stage_kind(typed.stage.name, typed.objective.name)
     validate(typed)
     return typed
+
+
+def current_stage_kind(kind: str, objective: str) -> str:
+    """Today's name of a stage kind. Before 2026-12 both distillations were kind `distill`: a consistency
+    student, or a flow map when the objective was mean_flow. Checkpoints and pipeline files of then say so."""
+    if kind != "distill":
+        return kind
+    return "flow_map_distill" if objective == "mean_flow" else "consistency_distill"
 
 
 def from_yaml(text: str) -> Config:
@@ -264,6 +263,7 @@ def from_yaml(text: str) -> Config:
     raw.pop("serve", None)  # checkpoints before dtrain.serving.config carried serving limits: ignored now
     cfg = _merge(OmegaConf.structured(Config), raw, "checkpoint config")
     typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    typed.stage.name = current_stage_kind(typed.stage.name, typed.objective.name)
     validate(typed)
     return typed
 
@@ -285,7 +285,6 @@ def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express. Runs in the driver, before any worker."""
     from dtrain.diffusion import OBJECTIVES
     from dtrain.diffusion.samplers import SAMPLERS
-    from dtrain.train.stages import STAGES
     from dtrain.models import BACKBONES
     from dtrain.precision import PRECISIONS
 
@@ -302,14 +301,7 @@ def validate(cfg: Config) -> None:
     o = cfg.objective
     _check(o.prediction in ("eps", "v", "x0"), "objective.prediction", f"'{o.prediction}' is not eps, v or x0")
     _check(o.schedule in ("cosine", "vp_linear"), "objective.schedule", f"'{o.schedule}' is not cosine or vp_linear")
-    _check(cfg.stage.name in STAGES, "stage.name", f"'{cfg.stage.name}' is not one of {sorted(STAGES)}")
-    _check(cfg.stage.name != "reflow" or o.name == "rectified_flow", "stage.name",
-           f"reflow straightens a flow: it needs objective.name=rectified_flow (got {o.name})")
     st = cfg.stage
-    _check(st.name != "distill" or bool(st.teacher), "stage.teacher", "stage distill needs a teacher checkpoint")
-    _check(st.name != "distill" or o.name in ("rectified_flow", "mean_flow"), "stage.name",
-           f"the distilled student is a consistency model (objective.name=rectified_flow) or a flow map "
-           f"(mean_flow), not {o.name}")
     _check(st.teacher_solver in ("euler", "heun"), "stage.teacher_solver", f"'{st.teacher_solver}' is not euler or heun")
     _check(0.0 <= st.target_decay < 1.0, "stage.target_decay", "must be in [0, 1)")
     _check(1 <= st.intervals[0] <= st.intervals[1], "stage.intervals", f"{list(st.intervals)}: need 1 <= start <= end")

@@ -65,7 +65,7 @@ def panels(path: str | Path, stack: list[Panel], *, xlabel: str, xlog: bool = Fa
         base = top + ph
         yt, yfrac = _axis([y for pts in p.series.values() for _, y in pts] + list((p.hlines or {}).values()),
                           p.ylog, None, y=True)
-        py = lambda v: base - yfrac(v) * ph  # noqa: E731
+        py = lambda v, base=base, yfrac=yfrac: base - yfrac(v) * ph  # noqa: E731
         for t in xt:
             d.line([px(t), top, px(t), base], fill=GRID)
             if i == len(stack) - 1:  # tick labels under the last panel only

@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dtrain.errors import DtrainError
+
 GENERATION_LABEL = "org.dtrain.generation"
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 
@@ -45,7 +47,7 @@ _SIGN_SETTINGS: dict[str, Any] = {"builder": {"thumbnail": {"enabled": False}}}
 CREDENTIALS_DIR_ENV = "DTRAIN_PROVENANCE_DIR"  # default test credentials, if not ~/.config/dtrain/c2pa-test
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(DtrainError, ValueError):
     """Bad credentials, an image without a manifest, or a manifest that cannot be parsed."""
 
 

@@ -14,12 +14,14 @@ import json
 import os
 from pathlib import Path
 
+from dtrain.errors import DtrainError
+
 SECRET_VARS = ("WANDB_API_KEY", "DTRAIN_SERVE_TOKENS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
 SEALED_VAR = "DTRAIN_SEALED_SECRETS"
 
 
-class SecretsError(RuntimeError):
+class SecretsError(DtrainError, RuntimeError):
     """Sealed secrets that this node cannot open."""
 
 

@@ -4,22 +4,23 @@ checkpoints through. Credentials and endpoints come from the
 environment as pyarrow reads them (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
 GOOGLE_APPLICATION_CREDENTIALS, ...).
 
-A checkpoint counts once Ray Train registered it in the run's `checkpoint_manager_snapshot.json`,
-which it writes only after every rank reported, so after every rank's upload: `resolve` never picks
-a checkpoint still being uploaded, or one whose upload died. Readers fetch a remote checkpoint's
-inference files (config, weights, meta) once into a local cache and load them from there.
+What a checkpoint on object storage is (registered by Ray Train, fetched into a local cache) is
+dtrain.checkpoint's business; this module only reads and writes bytes.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
-INFERENCE_FILES = ("config.yaml", "model.safetensors", "meta.json")
+from dtrain.errors import DtrainError
+
+
+
+class StorageError(DtrainError, ValueError):
+    """A path or URI whose filesystem cannot be opened."""
 
 
 def is_uri(path: str | Path) -> bool:
@@ -38,15 +39,14 @@ def local_run_dir(storage_path: str, run_name: str) -> Path:
     return cache_root() / "runs" / hashlib.sha1(storage_path.rstrip("/").encode()).hexdigest()[:12] / run_name
 
 
-def _fs(uri: str):
+def filesystem(uri: str):
+    """(pyarrow filesystem, path in it) of a URI; StorageError when none opens it."""
     import pyarrow.fs
 
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except (OSError, ValueError, pyarrow.ArrowException) as e:
-        from dtrain.checkpoint import CheckpointError
-
-        raise CheckpointError(f"{uri}: cannot open its filesystem: {e}") from None
+        raise StorageError(f"{uri}: cannot open its filesystem: {e}") from None
 
 
 def absolute(path: str | Path) -> str:
@@ -66,7 +66,7 @@ def sibling(path: str, name: str) -> str:
 
 def file_info(uri: str):
     """pyarrow's FileInfo of one object: .type (NotFound, File, Directory), .size, .mtime_ns."""
-    fs, path = _fs(uri)
+    fs, path = filesystem(uri)
     return fs.get_file_info(path)
 
 
@@ -77,7 +77,7 @@ def exists(path: str | Path) -> bool:
 
 def open_stream(uri: str):
     """A sequential binary reader of one object (a file-like pyarrow NativeFile)."""
-    fs, path = _fs(uri)
+    fs, path = filesystem(uri)
     return fs.open_input_stream(path)
 
 
@@ -108,61 +108,12 @@ def upload(local: str | Path, uri: str) -> None:
 
 
 def _output_stream(uri: str):
-    fs, path = _fs(uri)
+    fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)  # a local filesystem needs the parent directory
     return fs.open_output_stream(path)
 
 
-def registered_checkpoints(run_uri: str) -> list[str] | None:
-    """The checkpoint directory names Ray Train registered in a run (oldest first), or None where
-    the run has no snapshot (written by hand, or by an older dtrain)."""
-    fs, path = _fs(run_uri)
-    try:
-        with fs.open_input_stream(f"{path.rstrip('/')}/{SNAPSHOT}") as f:
-            snapshot = json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    return [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
-
-
-def checkpoint_uri(uri: str) -> str:
-    """A remote run (-> its newest registered checkpoint), checkpoint (only a registered one) or exported
-    .safetensors file -> the URI of what to load. This is what a serving registry pins a version to."""
-    from dtrain.checkpoint import CheckpointError
-
-    uri = uri.rstrip("/")
-    if uri.endswith(".safetensors"):
-        return uri
-    run, name = uri.rsplit("/", 1)
-    if name.startswith("checkpoint_"):
-        registered = registered_checkpoints(run)
-        if registered is not None and name not in registered:
-            raise CheckpointError(f"{uri} is not a registered checkpoint of its run (an upload that did not "
-                                  f"finish?); registered: {registered[-3:]}")
-        return uri
-    registered = registered_checkpoints(uri)
-    if not registered:
-        raise CheckpointError(f"{uri} holds no registered checkpoint ({SNAPSHOT} missing or empty)")
-    return f"{uri}/{registered[-1]}"
-
-
-def fetch_checkpoint(uri: str) -> Path:
-    """checkpoint_uri(uri), fetched once into the local cache (keyed by that URI): a local exported file
-    or checkpoint directory of its inference files."""
-    from dtrain.checkpoint import CheckpointError
-
-    uri = checkpoint_uri(uri)
-    fs, path = _fs(uri)
-    if path.endswith(".safetensors"):
-        return _download(fs, {path: Path(path).name}, uri) / Path(path).name
-    files = {f"{path}/{f}": f for f in INFERENCE_FILES}
-    missing = [name for f, name in files.items() if fs.get_file_info(f).type.name == "NotFound"]
-    if missing:
-        raise CheckpointError(f"{uri} lacks {missing}: not a dtrain checkpoint")
-    return _download(fs, files, uri)
-
-
-def _download(fs, files: dict[str, str], uri: str) -> Path:
+def download_once(fs, files: dict[str, str], uri: str) -> Path:
     """Remote path -> local name, into the cache directory of `uri`, renamed into place once whole
     (a reader never sees half a file; of two concurrent fetches, the first rename wins)."""
     target = cache_root() / "checkpoints" / hashlib.sha1(uri.encode()).hexdigest()[:16]

@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from dtrain.errors import DtrainError
 from dtrain.secrets import SEALED_VAR, SECRET_VARS, cluster_token, seal
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus
 
 
-class SubmitError(RuntimeError):
+class SubmitError(DtrainError, RuntimeError):
     """The cluster could not be reached or refused the job."""
 
 

@@ -9,7 +9,8 @@ only touches the noise they start from.
 
 Detection inverts the model's guided ODE from the image back to noise (`dtrain.diffusion.samplers.invert`:
 DDIM inversion refined by fixed-point iterations) under every class, since a detector does not know
-the image's class, and counts the elements whose sign matches the key's bit: k of n, best over classes. An image made without the key matches by chance, k ~ Bin(n, 1/2),
+the image's class, and counts the elements whose sign matches the key's bit: k of n, best over classes.
+An image made without the key matches by chance, k ~ Bin(n, 1/2),
 so the p-value is P[Bin(n, 1/2) >= k] times the classes and keys tried (Bonferroni); the score is
 k / n (0.5: no watermark, 1: every sign recovered).
 """
@@ -27,6 +28,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy.stats import binom
 
+from dtrain.errors import DtrainError
 from dtrain.diffusion import prediction_and_path
 from dtrain.diffusion.parameterization import Denoiser
 from dtrain.diffusion.samplers import guided, invert
@@ -36,7 +38,7 @@ KEY_FILE_ENV = "DTRAIN_WATERMARK_KEY_FILE"  # where the default key lives, if no
 DETECT_ALPHA = 0.01  # a p-value below this is reported as watermarked (1% false positives at most)
 
 
-class WatermarkKeyError(ValueError):
+class WatermarkKeyError(DtrainError, ValueError):
     pass
 
 

@@ -171,7 +171,8 @@ def head():
     token = root / "token"
     token.write_text(uuid.uuid4().hex)
     proc = start_node(["--head", f"--temp-dir={root}/ray", f"--port={HEAD_GCS}",
-                       f"--dashboard-port={HEAD_DASHBOARD}", "--dashboard-agent-listen-port=28266", "--ray-client-server-port=28267",
+                       f"--dashboard-port={HEAD_DASHBOARD}", "--dashboard-agent-listen-port=28266",
+                       "--ray-client-server-port=28267",
                        "--min-worker-port=30000", "--max-worker-port=30999", "--num-cpus=1",
                        "--include-dashboard=true"], node_env(token))
     address = f"http://127.0.0.1:{HEAD_DASHBOARD}"

@@ -1,7 +1,9 @@
 """cluster/: the `ray up` YAML, the KubeRay manifests and the jobs' runtime_env, checked with the tools
 their users' clusters run: Ray's autoscaler schema and its KubeRay CR reader, Ray Serve's config
-schema, Ray's runtime_env, and Kubernetes' own OpenAPI schemas (kubernetes-validate, strict) for
-every pod template. Each check is shown to fail on a broken copy."""
+schema, Ray's runtime_env, KubeRay v1.6.2's CRD schemas for the whole manifests (unknown fields refused,
+as `kubectl apply --validate=strict` does: tests/kuberay_schema.py), and Kubernetes' own OpenAPI schemas
+(kubernetes-validate, strict) for every pod template and the shared storage. Each check is shown to fail
+on a broken copy."""
 from __future__ import annotations
 
 import copy
@@ -16,9 +18,10 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 from ray.serve.schema import ServeDeploySchema
 
-from dtrain.config import load_pipeline
+from dtrain.train.pipeline import load_pipeline
 from dtrain.serving.config import ServeArgs
 from dtrain.secrets import SECRET_VARS
+from tests import kuberay_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -107,6 +110,83 @@ def test_kubernetes_strict_schema_refuses_a_misspelt_container_field():
 
 
 @pytest.mark.parametrize("kind", KUBERAY)
+def test_kuberay_manifest_passes_its_crds_schema_strictly(kind):
+    """KubeRay v1.6.2's own schema of the kind (cluster/kuberay/schemas/), unknown fields refused."""
+    manifest = load(CLUSTER / "kuberay" / KUBERAY[kind])
+    kuberay_schema.validate(manifest, K8S_VERSION)
+
+
+def _set(key: str, value):
+    return lambda obj: obj.__setitem__(key, value)
+
+
+def _rename(old: str, new: str):
+    return lambda obj: obj.__setitem__(new, obj.pop(old))
+
+
+def _head(manifest: dict) -> dict:
+    return cluster_spec(manifest)["headGroupSpec"]
+
+
+def _worker(manifest: dict) -> dict:
+    return cluster_spec(manifest)["workerGroupSpecs"][0]
+
+
+def _worker_container(manifest: dict) -> dict:
+    return _worker(manifest)["template"]["spec"]["containers"][0]
+
+
+def _broken(kind: str, where, change) -> dict:
+    manifest = copy.deepcopy(load(CLUSTER / "kuberay" / KUBERAY[kind]))
+    change(where(manifest))
+    return manifest
+
+
+@pytest.mark.parametrize("kind, where, change, field", [
+    ("RayCluster", _head, _rename("rayStartParams", "rayStartParms"), "spec.headGroupSpec.rayStartParms"),
+    ("RayCluster", _worker_container, _rename("volumeMounts", "volumeMount"),
+     "spec.workerGroupSpecs[0].template.spec.containers[0].volumeMount"),
+    ("RayJob", lambda m: m["spec"], _rename("shutdownAfterJobFinishes", "shutdownAfterJobFinish"),
+     "spec.shutdownAfterJobFinish"),
+    ("RayJob", _head, lambda g: g["template"].setdefault("metadata", {}).__setitem__("label", {"a": "b"}),
+     "spec.rayClusterSpec.headGroupSpec.template.metadata.label"),
+    ("RayService", lambda m: m["spec"]["rayClusterConfig"], _rename("rayVersion", "rayVerison"),
+     "spec.rayClusterConfig.rayVerison"),
+    ("RayService", lambda m: m["metadata"], _set("label", {"a": "b"}), "metadata.label"),
+], ids=["raycluster-rayStartParms", "raycluster-pod-template-volumeMount", "rayjob-shutdownAfterJobFinish",
+        "rayjob-pod-template-metadata-label", "rayservice-rayVerison", "rayservice-metadata-label"])
+def test_kuberay_schema_refuses_a_misspelt_field_as_kubectl_strict_does(kind, where, change, field):
+    broken = _broken(kind, where, change)
+    kuberay_schema.validate(broken, K8S_VERSION, strict=False)  # the CRD's schema alone lets it through
+    with pytest.raises(kuberay_schema.KubeRayValidationError) as refused:
+        kuberay_schema.validate(broken, K8S_VERSION)
+    assert refused.value.errors == [f'unknown field "{field}"']
+
+
+@pytest.mark.parametrize("kind, where, change, message", [
+    ("RayCluster", _worker, _set("replicas", "two"), "spec.workerGroupSpecs[0].replicas: 'two' is not of type 'integer'"),
+    ("RayCluster", _worker, _set("replicas", 2 ** 31), "spec.workerGroupSpecs[0].replicas: 2147483648 is not a 'int32'"),
+    ("RayJob", _head, _set("template", "ray-head"),
+     "spec.rayClusterSpec.headGroupSpec.template: 'ray-head' is not of type 'object'"),
+    ("RayJob", lambda m: m["spec"], _set("shutdownAfterJobFinishes", "yes"),
+     "spec.shutdownAfterJobFinishes: 'yes' is not of type 'boolean'"),
+    ("RayService", lambda m: m["spec"]["rayClusterConfig"], _set("workerGroupSpecs", {"gpu": {}}),
+     "spec.rayClusterConfig.workerGroupSpecs: {'gpu': {}} is not of type 'array'"),
+    ("RayCluster", lambda m: _worker_container(m)["resources"]["limits"], _set("nvidia.com/gpu", "eight"),
+     "spec.workerGroupSpecs[0].template.spec.containers[0].resources.limits.nvidia.com/gpu: 'eight' does not match"),
+    ("RayCluster", lambda m: _worker(m)["template"]["spec"]["containers"], lambda c: c.append(copy.deepcopy(c[0])),
+     "spec.workerGroupSpecs[0].template.spec.containers: [1]: duplicate entries for key [name='ray-worker']"),
+    ("RayCluster", lambda m: m, _set("apiVersion", "ray.io/v1alpha1"), "apiVersion: 'ray.io/v1' was expected"),
+    ("RayJob", lambda m: m["metadata"], _set("name", "dtrain_pipeline"), "metadata.name: 'dtrain_pipeline' does not match"),
+], ids=["replicas-string", "replicas-over-int32", "template-string", "bool-string", "list-as-object", "bad-quantity",
+        "duplicate-container", "api-version", "metadata-name"])
+def test_kuberay_schema_refuses_a_wrong_type_or_value(kind, where, change, message):
+    with pytest.raises(kuberay_schema.KubeRayValidationError) as refused:
+        kuberay_schema.validate(_broken(kind, where, change), K8S_VERSION)
+    assert len(refused.value.errors) == 1 and refused.value.errors[0].startswith(message), refused.value.errors
+
+
+@pytest.mark.parametrize("kind", KUBERAY)
 def test_kuberay_cluster_spec_reads_as_rays_autoscaler_reads_it(kind):
     """Ray's KubeRay autoscaler turns the RayCluster spec into its node types and validates them."""
     manifest = load(CLUSTER / "kuberay" / KUBERAY[kind])
@@ -168,3 +248,36 @@ def test_serve_schema_refuses_a_misspelt_key():
     deployed["applications"][0]["import_pth"] = deployed["applications"][0].pop("import_path")
     with pytest.raises(Exception, match="import_pth|import_path"):
         ServeDeploySchema.parse_obj(deployed)
+
+
+# ---- shared storage ----
+
+def shared_storage() -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "shared-storage.yaml").read_text()) if d]
+
+
+def test_shared_storage_passes_kubernetes_strict_schema():
+    documents = shared_storage()
+    assert [d["kind"] for d in documents] == ["PersistentVolumeClaim"]
+    for document in documents:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+    (claim,) = documents
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod of every node mounts it
+    assert claim["metadata"]["name"] == "dtrain-shared"  # the claim the manifests' pods mount
+    for kind in KUBERAY:
+        for template in pod_templates(cluster_spec(load(CLUSTER / "kuberay" / KUBERAY[kind]))).values():
+            claims = [v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"]
+                      if "persistentVolumeClaim" in v]
+            assert claims == ["dtrain-shared"], (kind, template)
+
+
+@pytest.mark.parametrize("change", [
+    lambda spec: spec.__setitem__("accessMode", spec.pop("accessModes")),  # misspelt
+    lambda spec: spec.__setitem__("accessModes", "ReadWriteMany"),  # a string where a list is
+    lambda spec: spec["resources"].__setitem__("requests", ["500Gi"]),  # a list where a map is
+], ids=["misspelt-accessMode", "accessModes-string", "requests-list"])
+def test_kubernetes_strict_schema_refuses_a_broken_shared_storage(change):
+    (claim,) = copy.deepcopy(shared_storage())
+    change(claim["spec"])
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(claim, K8S_VERSION, strict=True)

@@ -33,7 +33,7 @@ def exact_point_mass(prediction, path, c):
     return fn
 
 
-@pytest.mark.parametrize("loss", OBJECTIVES, ids=lambda l: f"{l.prediction}-{l.path.name}")
+@pytest.mark.parametrize("loss", OBJECTIVES, ids=lambda loss: f"{loss.prediction}-{loss.path.name}")
 def test_objective_is_per_sample_and_zero_for_the_exact_net_of_a_point_mass(loss):
     x = torch.full((4, 1, 3, 3), 0.7, dtype=torch.float64)
     batch = {"x": x, "cond": torch.zeros(4, dtype=torch.long)}

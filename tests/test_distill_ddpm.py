@@ -25,12 +25,12 @@ def test_a_ddpm_teacher_distils_into_a_one_step_student(ray_cluster, digits_dir,
     teacher = tmp_path / "ddpm" / "ckpt"
     write_inference_files(teacher, weights, teacher_cfg, {"step": 0})
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp_path) + [
-        "model.hidden_size=0", "model.depth=0", "stage.name=distill", f"stage.teacher={teacher}",
+        "model.hidden_size=0", "model.depth=0", "stage.name=consistency_distill", f"stage.teacher={teacher}",
         "train.steps=2", "train.ckpt_every=2", "train.run_name=ddpm-distill", "stage.intervals=[2,4]",
         "sample.sampler=consistency", "sample.steps=1", "sample.guidance=1.0"])
     ckpt = fit(cfg)
     meta = read_meta(ckpt)
-    assert meta["stage"] == "distill" and meta["teacher"] == str(teacher.resolve()) and meta["step"] == 2
+    assert meta["stage"] == "consistency_distill" and meta["teacher"] == str(teacher.resolve()) and meta["step"] == 2
     net, loaded = load_model(ckpt)
     x = render(net, loaded, meta, torch.arange(4), [0, 1, 2, 3], steps=1, guidance=1.0, sampler="consistency")
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
@@ -38,13 +38,13 @@ def test_a_ddpm_teacher_distils_into_a_one_step_student(ray_cluster, digits_dir,
 
 def test_a_flow_map_distils_from_a_velocity_teacher(ray_cluster, digits_dir, tmp_path, tiny_checkpoint):
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(digits_dir, tmp_path) + [
-        "model.hidden_size=0", "model.depth=0", "stage.name=distill", f"stage.teacher={tiny_checkpoint}",
+        "model.hidden_size=0", "model.depth=0", "stage.name=flow_map_distill", f"stage.teacher={tiny_checkpoint}",
         f"stage.init_from={tiny_checkpoint}", "model.flow_map=true", "objective.name=mean_flow",
         "train.steps=2", "train.ckpt_every=2", "train.run_name=mf-distill", "sample.sampler=flow_map",
         "sample.steps=1", "sample.guidance=1.0"])
     ckpt = fit(cfg)
     meta = read_meta(ckpt)
-    assert meta["stage"] == "distill" and meta["jvp"] == "forward" and meta["objective"] == "mean_flow"
+    assert meta["stage"] == "flow_map_distill" and meta["jvp"] == "forward" and meta["objective"] == "mean_flow"
     net, loaded = load_model(ckpt)
     x = render(net, loaded, meta, torch.arange(4), [0, 1, 2, 3], steps=1, guidance=1.0, sampler="flow_map")
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()

@@ -16,8 +16,8 @@ from dtrain.data.shards import DataError, load_images, train_batches
 from dtrain.diffusion.parameterization import Denoiser
 from dtrain.diffusion.paths import PATHS
 from dtrain.diffusion.samplers import flow_times, sample, sample_euler
-from dtrain.eval.gmm import (GaussianMixture, component_shares, coverage, likelihood_gap, ode_log_likelihood,
-                             velocity_error)
+from dtrain.data.mixture import GaussianMixture
+from dtrain.eval.gmm import component_shares, coverage, likelihood_gap, ode_log_likelihood, velocity_error
 from dtrain.models import build_model
 
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "configs" / "gmm" / "default.yaml"

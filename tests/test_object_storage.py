@@ -9,7 +9,7 @@ import pyarrow.fs
 import pytest
 
 from dtrain.checkpoint import CheckpointError, export, load_model, read_meta, resolve
-from dtrain.storage import SNAPSHOT, checkpoint_uri, registered_checkpoints
+from dtrain.checkpoint import SNAPSHOT, checkpoint_uri, registered_checkpoints
 from tests.conftest import tiny_overrides, write_tiny_checkpoint
 
 
@@ -151,10 +151,9 @@ def test_sample_and_export_read_a_run_in_the_bucket(bucket_run, s3_bucket, tmp_p
 def test_a_pipeline_runs_in_the_bucket_and_resumes_from_it(ray_cluster, s3_bucket, bucket_digits, tmp_path, capsys):
     """Data, runs, reflow pairs, the pipeline's state and its evaluation all in the bucket; nothing
     of it in the working directory."""
-    from dtrain.config import load_pipeline
     from dtrain.eval.pipeline import evaluate_pipeline
     from dtrain.storage import exists, read_text
-    from dtrain.train.pipeline import run_pipeline, state_path
+    from dtrain.train.pipeline import load_pipeline, run_pipeline, state_path
 
     root = f"{s3_bucket}/pipe"
     overrides = tiny_overrides(bucket_digits, tmp_path) + [f"train.storage_path={root}", "train.steps=4",

@@ -6,9 +6,8 @@ import json
 import pytest
 
 from dtrain.checkpoint import read_meta
-from dtrain.config import load_pipeline
 from dtrain.eval.pipeline import evaluate_pipeline
-from dtrain.train.pipeline import run_pipeline
+from dtrain.train.pipeline import load_pipeline, run_pipeline
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -20,9 +19,10 @@ REFLOW = ("  - kind: reflow\n    pairs: {count: 32, per_shard: 16, steps: 2, sam
           "    overrides: [train.steps=2, sample.guidance=1.0]\n")
 # consistency distillation of the reflow stage under ZeRO-3 with activation checkpointing: the teacher and the
 # EMA target are partitioned engines beside the student (DeepSpeed 0.19 once failed on frozen parameters there)
-DISTILL = ("  - kind: distill\n    overrides: [train.steps=2, train.zero_stage=3, train.activation_checkpointing=true,"
-           " stage.target_decay=0.9, 'stage.intervals=[2,4]', sample.sampler=consistency]\n")
-# a one-step flow map distilled from the pretrained stage (not the stage before it), as configs/pipeline-large.yaml does
+DISTILL = ("  - kind: consistency_distill\n    name: distill\n    overrides: [train.steps=2, train.zero_stage=3,"
+           " train.activation_checkpointing=true, stage.target_decay=0.9, 'stage.intervals=[2,4]', sample.sampler=consistency]\n")
+# a one-step flow map distilled from the pretrained stage (not the stage before it), as configs/pipeline-large.yaml does;
+# its kind by the name pipeline files used before the split (distill + objective mean_flow = flow_map_distill)
 FLOW_MAP = ("  - kind: distill\n    name: flowmap\n    parent: pretrain\n    overrides: [train.steps=2, model.flow_map=true,"
             " objective.name=mean_flow, sample.sampler=flow_map, sample.steps=1]\n")
 
@@ -62,10 +62,11 @@ def test_pipeline_chains_stages_with_lineage_resumes_and_evaluates_every_stage(r
     assert "stage pretrain done" in out and "stage reflow done" in out and "stage 3/4 distill" in out
     assert again["stages"]["reflow"] == ref
     dmeta = read_meta(again["stages"]["distill"]["checkpoint"])
-    assert dmeta["stage"] == "distill" and dmeta["teacher"] == ref["checkpoint"] and dmeta["zero_stage"] == 3
+    assert dmeta["stage"] == "consistency_distill" and dmeta["teacher"] == ref["checkpoint"] and dmeta["zero_stage"] == 3
     assert dmeta["parent"] == ref["checkpoint"] and dmeta["target_decay"] == 0.9 and dmeta["step"] == 2
     fmeta = read_meta(again["stages"]["flowmap"]["checkpoint"])
     assert fmeta["parent"] == fmeta["teacher"] == pre["checkpoint"] and fmeta["objective"] == "mean_flow"
+    assert fmeta["stage"] == again["stages"]["flowmap"]["kind"] == "flow_map_distill"
 
     result = evaluate_pipeline(p, again, log=lambda s: None)
     assert [(r["stage"], r["sampler"]) for r in result["rows"]] == [

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from dtrain.checkpoint import write_inference_files
-from dtrain.config import ConfigError, load_config, load_pipeline, stage_config
+from dtrain.config import ConfigError, load_config
+from dtrain.train.pipeline import load_pipeline, stage_config
 from dtrain.data.shards import CorruptShards, DataError, train_batches
 from dtrain.diffusion.samplers import initial_noise
 from dtrain.generation import solve
 from dtrain.models import build_model
 from dtrain.train.pairs import generate_pairs, shard_urls, write_pair_shard
-from dtrain.train.stages import build_stage
+from dtrain.train.stages import build_stage, check_stage
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_reflow_stage_records_its_lineage_and_needs_pairs(teacher, tmp_path, dig
     with pytest.raises(DataError, match="dtrain pairs"):
         build_stage(load_config(None, ["stage.name=reflow", f"data.train_shards={digits_dir}/train-000000.tar"]))
     with pytest.raises(ConfigError, match="rectified_flow"):
-        load_config(None, ["stage.name=reflow", "objective.name=ddpm"])
+        check_stage(load_config(None, ["stage.name=reflow", "objective.name=ddpm"]))
 
 
 def test_pipeline_file_names_stages_and_checks_every_stage_first(tmp_path):
@@ -108,7 +109,7 @@ def test_pipeline_file_names_stages_and_checks_every_stage_first(tmp_path):
         load_pipeline(bad)
     first = tmp_path / "first.yaml"
     first.write_text("config: exp.yaml\nstages:\n  - kind: reflow\n")
-    with pytest.raises(ConfigError, match="first stage must be pretrain"):
+    with pytest.raises(ConfigError, match="stages.0..kind: reflow is taught by an earlier stage"):
         load_pipeline(first)
     later = tmp_path / "later.yaml"  # a parent must be an earlier stage
     later.write_text("config: exp.yaml\nstages:\n  - kind: pretrain\n  - kind: reflow\n    parent: distill\n"
@@ -119,14 +120,15 @@ def test_pipeline_file_names_stages_and_checks_every_stage_first(tmp_path):
 
 def test_the_shipped_quickstart_pipeline_loads():
     p = load_pipeline("configs/pipeline.yaml")
-    assert [(s.kind, s.name) for s in p.stages] == [("pretrain", "pretrain"), ("reflow", "reflow"), ("distill", "distill")]
+    assert [(s.kind, s.name) for s in p.stages] == [("pretrain", "pretrain"), ("reflow", "reflow"),
+                                                    ("consistency_distill", "distill")]
     assert stage_config(p, p.stages[2], ["stage.teacher=x"]).sample.sampler == "consistency"
 
 
 def test_the_larger_preset_loads_with_a_flow_map_of_the_pretrained_stage():
     p = load_pipeline("configs/pipeline-large.yaml")
     assert [(s.kind, s.name, s.parent) for s in p.stages] == [
-        ("pretrain", "pretrain", ""), ("reflow", "reflow", ""), ("distill", "distill", ""),
-        ("distill", "distill_direct", "pretrain"), ("distill", "flowmap", "pretrain")]
+        ("pretrain", "pretrain", ""), ("reflow", "reflow", ""), ("consistency_distill", "distill", ""),
+        ("consistency_distill", "distill_direct", "pretrain"), ("flow_map_distill", "flowmap", "pretrain")]
     fm = stage_config(p, p.stages[4], ["stage.teacher=x"])
     assert fm.model.flow_map and fm.objective.name == "mean_flow" and fm.sample.sampler == "flow_map"

@@ -1,4 +1,4 @@
-"""A Gaussian mixture with exact ground truth (dtrain.eval.gmm) as WebDataset shards.
+"""A Gaussian mixture with exact ground truth (dtrain.data.mixture) as WebDataset shards.
 
 Shape convention: a D-dimensional point is stored under the key `latent.npy` as float32 [D, 1, 1],
 a 1x1 "image" with D channels, next to `cls` = its component index. The shard reader hands
@@ -22,7 +22,7 @@ import webdataset as wds
 import yaml
 
 from dtrain.data.shards import DataError
-from dtrain.eval.gmm import GaussianMixture, MixtureError
+from dtrain.data.mixture import GaussianMixture, MixtureError
 
 SPEC_FILE = "gmm.json"  # the mixture, written next to the shards
 

@@ -34,10 +34,11 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from dtrain.errors import DtrainError
 from dtrain import storage
 
 
-class DataError(ValueError):
+class DataError(DtrainError, ValueError):
     """Shards that cannot feed the requested run."""
 
 

@@ -136,7 +136,7 @@ def sample_flow_map(net, cond: torch.Tensor, guidance: float, null_label: int, x
     """A flow map's jumps x_s = x_t + (s - t) u(x_t, t, s) between consecutive times (one step: x_1 =
     x_0 + u(x_0, 0, 1)). net(x, t, cond, s) -> u; guidance mixes the conditional and unconditional u."""
     for t, s in zip(ts[:-1], ts[1:]):
-        u = guided(lambda x_, t_, c_: net(x_, t_, c_, torch.full_like(t_, float(s))), cond, guidance, null_label)
+        u = guided(lambda x_, t_, c_, s=float(s): net(x_, t_, c_, torch.full_like(t_, s)), cond, guidance, null_label)
         x = x + (s - t) * u(x, t.expand(x.shape[0]).to(x))
     return x
 

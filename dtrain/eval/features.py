@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dtrain.errors import DtrainError
 from dtrain.data.digits import digits_arrays
 
 CACHE_ENV = "DTRAIN_CACHE"  # directory for trained feature nets (default ~/.cache/dtrain)
@@ -39,7 +40,7 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's
 HELD_OUT_PER_CLASS = 30
 
 
-class FeatureNetUnavailable(RuntimeError):
+class FeatureNetUnavailable(DtrainError, RuntimeError):
     """A feature net whose code or weights are not on this machine (nothing is ever downloaded)."""
 
 

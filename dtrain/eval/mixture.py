@@ -17,7 +17,8 @@ from dtrain.checkpoint import CheckpointError, load_model, read_meta, resolve
 from dtrain.data.gmm import SPEC_FILE, load_spec
 from dtrain.data.shards import expand_urls, load_images
 from dtrain.eval import eval_seeds
-from dtrain.eval.gmm import GaussianMixture, coverage, likelihood_gap, ode_log_likelihood, velocity_error
+from dtrain.data.mixture import GaussianMixture
+from dtrain.eval.gmm import coverage, likelihood_gap, ode_log_likelihood, velocity_error
 from dtrain.generation import nfe, render
 
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)

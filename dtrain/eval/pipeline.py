@@ -24,7 +24,6 @@ from dtrain.generation import render
 from dtrain.images import save_grid
 from dtrain.tracking import log_eval
 from dtrain.storage import is_uri, local_run_dir, upload
-from dtrain.train.pipeline import storage_root
 
 
 def _grids(ckpt: str, out: Path, stage: str, steps_list: list[int], sampler: str, per_class: int = 8) -> list[str]:
@@ -39,7 +38,7 @@ def _grids(ckpt: str, out: Path, stage: str, steps_list: list[int], sampler: str
 
 
 def evaluate_pipeline(p: PipelineConfig, state: dict, log: Callable[[str], None] = print) -> dict:
-    root = storage_root(p)
+    root = p.root  # resolved by dtrain.train.pipeline.load_pipeline
     out = local_run_dir(root, f"{p.name}-eval")
     e = p.eval
     result: dict = {"pipeline": p.name, "stages": {}, "rows": []}

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dtrain import storage
-from dtrain.checkpoint import resolve
+from dtrain.checkpoint import checkpoint_uri, resolve
 
 
 class _Strict(BaseModel):
@@ -164,7 +164,7 @@ class ServeArgs(_Strict):
 def _pinned(path: str) -> str:
     """A version's checkpoint as the replicas will load it: an absolute local path of the newest complete
     checkpoint, or the URI of the newest registered one (each replica fetches it)."""
-    return storage.checkpoint_uri(path) if storage.is_uri(path) else str(resolve(_existing(path)))
+    return checkpoint_uri(path) if storage.is_uri(path) else str(resolve(_existing(path)))
 
 
 def _existing(path: str) -> Path:

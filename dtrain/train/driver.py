@@ -23,6 +23,7 @@ from dtrain.storage import is_uri, local_run_dir
 from dtrain.train.control import clear_stop, request_stop, stop_requested
 from dtrain.train.deepspeed_glue import deepspeed_config, prebuild_cpu_ops
 from dtrain.train.loop import train_func
+from dtrain.train.stages import stage_kind
 
 
 class Interrupted(Exception):
@@ -101,7 +102,9 @@ def fit(cfg: Config) -> Path | str:
     checkpoint directory (its URI where train.storage_path is one). Raises Interrupted when a signal
     stopped the run after a checkpoint."""
     s = cfg.scaling
-    deepspeed_config(cfg, s.num_workers)  # config errors here, not in a worker
+    kind = stage_kind(cfg)
+    kind.check(cfg)  # config errors here, not in a worker
+    deepspeed_config(cfg, s.num_workers)
     cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute_urls(cfg.data.train_shards),
                                     val_shards=absolute_urls(cfg.data.val_shards)))
     latents = None
@@ -117,7 +120,8 @@ def fit(cfg: Config) -> Path | str:
     ensure_ray(s.address, s.num_workers * s.cpus_per_worker)
     trainer = (TorchTrainer if s.address else LocalTorchTrainer)(
         train_func,
-        train_loop_config={"yaml": to_yaml(cfg), "run_dir": str(out), "latents": latents},
+        # the stage's class travels with the config: a kind registered outside dtrain needs no import there
+        train_loop_config={"yaml": to_yaml(cfg), "run_dir": str(out), "latents": latents, "stage_kind": kind},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),

@@ -33,7 +33,7 @@ from dtrain.tracking import make_tracker
 from dtrain.train.control import StepControl
 from dtrain.train.deepspeed_glue import wrap_deepspeed
 from dtrain.train.ema import EMA
-from dtrain.train.stages import build_stage
+from dtrain.train.stages import stage_kind
 from dtrain.train.universal import convert, needs_universal
 
 
@@ -63,7 +63,7 @@ def train_func(cfg_dict: dict) -> None:
     threads = pin_threads(cfg.scaling.cpus_per_worker)
     precision = agreed_precision(cfg.train.precision, "cuda" if cfg.scaling.use_gpu else "cpu", rank)
     t = cfg.train  # checkpoints keep the config as asked (`auto` decides again on resume); meta records the choice
-    stage = build_stage(cfg)
+    stage = (cfg_dict.get("stage_kind") or stage_kind(cfg)).build(cfg)
 
     with ExitStack() as stack:  # the resume checkpoint stays open (downloaded, if remote) until loaded
         resume = ray.train.get_checkpoint()
@@ -101,7 +101,8 @@ def train_func(cfg_dict: dict) -> None:
     tracker = make_tracker(cfg, rank, run_dir, to_dict(cfg), resume_step=start)
     if rank == 0:
         print(f"[dtrain] {cfg.model.arch}/{cfg.model.size}: {n_params / 1e6:.2f}M params, {world} workers x "
-              f"{threads} thread(s), ZeRO-{t.zero_stage}, {precision.precision}, stage {stage.name}, steps {start}->{t.steps}", flush=True)
+              f"{threads} thread(s), ZeRO-{t.zero_stage}, {precision.precision}, stage {stage.name}, "
+              f"steps {start}->{t.steps}", flush=True)
         print(f"[dtrain] precision {precision.precision}: {precision.reason}", flush=True)
 
     upload = ray.train.CheckpointUploadMode.ASYNC if is_uri(t.storage_path) else ray.train.CheckpointUploadMode.SYNC

@@ -23,10 +23,10 @@ import webdataset as wds
 
 from dtrain import checkpoint as ckpt_io
 from dtrain import storage
-from dtrain.data.shards import DataError, encode_npy
+from dtrain.data.shards import DataError, encode_npy, expand_urls
 from dtrain.diffusion.samplers import initial_noise
-from dtrain.train.stages import PAIRS_FILE
 
+PAIRS_FILE = "pairs.json"  # beside pair shards: the teacher and sampler that made them
 CHUNK = 64  # seeds per solver call inside a shard: fixed, so results never depend on the cluster
 SHARD_NAME = "pairs-{:06d}.tar"
 
@@ -107,3 +107,12 @@ def shard_urls(out: str | Path, count: int, per_shard: int) -> str:
     n = count // per_shard
     return f"{storage.absolute(out)}/pairs-{{000000..{n - 1:06d}}}.tar"
 
+
+
+def read_pairs_info(urls: str) -> dict:
+    """The `pairs.json` beside pair shards; DataError when the shards are not pairs."""
+    info = storage.sibling(expand_urls(urls)[0], PAIRS_FILE)
+    if not storage.exists(info):
+        raise DataError(f"stage reflow trains on pairs, but {info} is missing: data.train_shards={urls} are not "
+                        "pair shards (make them with `dtrain pairs TEACHER --out DIR`)")
+    return json.loads(storage.read_text(info))

@@ -1,6 +1,7 @@
 """`dtrain pipeline FILE`: stages in order on one Ray cluster, each a Ray Train run that starts from
-the stage before it (reflow stages first have it write their pairs; distill stages have it as their
-teacher), then every stage evaluated.
+its parent (the stage before, unless it names another), then every stage evaluated. Each stage's kind
+(dtrain.train.stages) checks its config and, in its prelude, binds what it needs: a reflow stage has its
+parent write its pairs, a distillation has its parent as its teacher.
 
 Runs are `<storage>/<pipeline>-<stage>`; the pipeline's state, `<storage>/<pipeline>.pipeline.json`,
 records each finished stage's final checkpoint and is rewritten atomically after each one. Rerunning
@@ -13,23 +14,44 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from dtrain import checkpoint as ckpt_io
 from dtrain import storage
-from dtrain.config import PipelineConfig, stage_config
+from dtrain.config import Config, ConfigError, PipelineConfig, StageSpec, current_stage_kind, load_config, read_pipeline
 from dtrain.runtime import ensure_ray
-from dtrain.train.pairs import generate_pairs, shard_urls
+from dtrain.train.stages import STAGES, PipelineStep, check_stage
 
 
-def storage_root(p: PipelineConfig) -> str:
-    """Where the pipeline's runs live: an absolute directory or a URI."""
-    return storage.absolute(stage_config(p, p.stages[0]).train.storage_path)
+def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """A pipeline file and `key=value` overrides (onto the experiment config of every stage) -> the
+    pipeline, with its root resolved and every stage's config checked by its kind before the first trains."""
+    p = read_pipeline(path)
+    p.overrides = [*p.overrides, *overrides]
+    p.root = storage.absolute(stage_config(p, p.stages[0]).train.storage_path)
+    for i, spec in enumerate(p.stages):
+        try:
+            if spec.kind == "distill":  # a pipeline file from before the kinds were split
+                spec.kind = current_stage_kind(spec.kind, stage_config(p, spec).objective.name)
+            if spec.kind not in STAGES:
+                raise ConfigError(f"stages[{i}].kind: '{spec.kind}' is not one of {sorted(STAGES)}")
+            if i == 0 and STAGES[spec.kind].needs_teacher:
+                raise ConfigError(f"stages[0].kind: {spec.kind} is taught by an earlier stage: it cannot come first")
+            dry = PipelineStep(spec, parent="previous-stage" if i else None, root=p.root, pipeline=p.name, dry=True)
+            check_stage(stage_config(p, spec, STAGES[spec.kind].prelude(dry)))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: stage '{spec.name}': {e}") from None
+    return p
+
+
+def stage_config(pipeline: PipelineConfig, spec: StageSpec, extra: list[str] | tuple[str, ...] = ()) -> Config:
+    """The experiment Config of one pipeline stage: the pipeline's config and overrides, the stage's own,
+    its kind, then `extra` (run name, parent, what its prelude decided at run time)."""
+    return load_config(pipeline.config, [*pipeline.overrides, *spec.overrides, f"stage.name={spec.kind}", *extra])
 
 
 def state_path(p: PipelineConfig) -> str:
-    return f"{storage_root(p)}/{p.name}.pipeline.json"
+    return f"{p.root}/{p.name}.pipeline.json"
 
 
 def read_state(p: PipelineConfig) -> dict:
@@ -42,7 +64,7 @@ def _finished(ckpt: str) -> bool:
     if not storage.is_uri(ckpt):
         return ckpt_io.is_complete(Path(ckpt))
     try:
-        return storage.checkpoint_uri(ckpt) == ckpt
+        return ckpt_io.checkpoint_uri(ckpt) == ckpt
     except ckpt_io.CheckpointError:
         return False
 
@@ -53,7 +75,7 @@ def run_pipeline(p: PipelineConfig) -> dict:
     from dtrain.train.driver import fit
 
     base = stage_config(p, p.stages[0])
-    root, path = storage_root(p), state_path(p)
+    root, path = p.root, state_path(p)
     if not storage.is_uri(root):
         Path(root).mkdir(parents=True, exist_ok=True)
     state = read_state(p)
@@ -71,17 +93,12 @@ def run_pipeline(p: PipelineConfig) -> dict:
         extra = [f"train.run_name={p.name}-{spec.name}", f"tracking.group={p.name}"]
         if parent:
             extra.append(f"stage.init_from={parent}")
-        if spec.kind == "distill":
-            extra.append(f"stage.teacher={parent}")
-        pairs = None
-        if spec.kind == "reflow":
-            pairs = f"{root}/{p.name}-{spec.name}-pairs"
-            generate_pairs(parent, pairs, **asdict(spec.pairs))
-            extra.append(f"data.train_shards={shard_urls(pairs, spec.pairs.count, spec.pairs.per_shard)}")
+        extra += STAGES[spec.kind].prelude(PipelineStep(spec, parent=parent, root=root, pipeline=p.name))
         began = time.perf_counter()
         final = fit(stage_config(p, spec, extra))
+        shards = [e.split("=", 1)[1] for e in extra if e.startswith("data.train_shards=")]
         state["stages"][spec.name] = {"kind": spec.kind, "checkpoint": str(final), "parent": parent,
-                                      "pairs": pairs,
+                                      "pairs": storage.parent(shards[0]) if shards else None,
                                       "seconds": round(time.perf_counter() - began, 1)}
         storage.write_bytes(path, json.dumps(state, indent=2).encode())
         previous = str(final)

@@ -1,45 +1,106 @@
-"""Training stages as registry entries, not branches in the loop.
+"""Training stages: one class per kind, holding everything about it, in a registry the loop and the
+pipeline call without branches.
 
-A stage gives the loop its objective (a callable over a batch dict), its batches, the weights the net
-starts from (its parent's EMA weights), a hook after every optimizer step, and what its checkpoints
-record: stage, parent and teacher, the lineage that `dtrain pipeline` chains and evaluates.
+A kind checks its config (`check`), decides in a pipeline what it needs before it trains (`prelude`:
+its teacher, the pairs it trains on), and gives the loop its objective, batches, the weights the net
+starts from (its parent's EMA weights), a hook after every optimizer step and what its checkpoints
+record (`meta`: stage, parent and teacher, the lineage `dtrain pipeline` chains and evaluates).
 
-    pretrain  images -> the objective of cfg.objective (rectified flow, DDPM eps / v / x0)
-    reflow    (noise, label, sample) pairs a teacher wrote (`dtrain pairs`) -> rectified flow on those
-              couplings (Liu et al. 2022, k-rectified flow), initialised from its parent
-    distill   images -> consistency distillation of a frozen teacher (Song et al. 2023) with an EMA
-              target network, both sharded like the student
+    pretrain            images -> the objective of cfg.objective (rectified flow, DDPM, a MeanFlow flow map)
+    reflow              (noise, label, sample) pairs its teacher wrote (dtrain.train.pairs) -> rectified flow
+                        on those couplings (Liu et al. 2022, k-rectified flow), initialised from its parent
+    consistency_distill images -> consistency distillation of a frozen teacher (Song et al. 2023) with an
+                        EMA target network, both sharded like the student
+    flow_map_distill    images -> a flow map (MeanFlow) learning its teacher's guided velocity
+
+A new kind is a subclass of Stage decorated with @register: nothing else changes (tests/test_stage_registry.py).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from safetensors.torch import load_file
 
 from dtrain import checkpoint as ckpt_io
 from dtrain import storage
-from dtrain.data.shards import CorruptShards, DataError, expand_urls, train_batches
+from dtrain.config import ConfigError, StageSpec
+from dtrain.data.shards import CorruptShards, expand_urls, train_batches
 from dtrain.diffusion import build_objective, prediction_and_path
 from dtrain.diffusion.consistency import ConsistencyDistillation, intervals_at
 from dtrain.diffusion.flow import RectifiedFlowLoss
 from dtrain.diffusion.meanflow import MeanFlowLoss
 from dtrain.diffusion.parameterization import on_linear_path
+from dtrain.train.pairs import generate_pairs, read_pairs_info, shard_urls
 
-PAIRS_FILE = "pairs.json"  # beside pair shards: the teacher and sampler that made them (dtrain.train.pairs)
+STAGES: dict[str, type[Stage]] = {}  # kind name -> its class (see register)
+
+
+def register(kind: type[Stage]) -> type[Stage]:
+    """Class decorator: make `kind` a stage kind, under kind.name."""
+    STAGES[kind.name] = kind
+    return kind
+
+
+def stage_kind(cfg) -> type[Stage]:
+    """The class of cfg.stage.name; ConfigError naming the key when there is none."""
+    if cfg.stage.name not in STAGES:
+        raise ConfigError(f"stage.name: '{cfg.stage.name}' is not one of {sorted(STAGES)}")
+    return STAGES[cfg.stage.name]
+
+
+def check_stage(cfg) -> None:
+    """The rules of cfg's stage kind (beyond config.validate's in-section checks); ConfigError names the key."""
+    stage_kind(cfg).check(cfg)
+
+
+def build_stage(cfg) -> Stage:
+    return stage_kind(cfg).build(cfg)
+
+
+@dataclass
+class PipelineStep:
+    """What a kind's prelude knows in `dtrain pipeline`: the stage, the checkpoint it starts from, where the
+    pipeline's runs live. dry: only validating the pipeline (nothing exists yet: decide, write nothing)."""
+    spec: StageSpec
+    parent: str | None
+    root: str
+    pipeline: str
+    dry: bool = False
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
 
 
 @dataclass
 class Stage:
-    name: str
+    """The base kind (and the loop's view of a stage). Subclasses set `name`, and override what differs."""
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False  # is taught by its parent: cannot be a pipeline's first stage
     objective: Callable | None  # loss(model_fn, batch, generator=None) -> per-sample loss [B] (set by attach)
     parent: str | None = None  # checkpoint whose EMA weights the net starts from (None: random init)
     lineage: dict = field(default_factory=dict)  # what else its checkpoints record (teacher, k, ...)
 
+    # ---- in the driver: config, pipeline ----
+    @classmethod
+    def check(cls, cfg) -> None:
+        """This kind's rules on a whole config (ConfigError naming the key)."""
+
+    @classmethod
+    def prelude(cls, step: PipelineStep) -> list[str]:
+        """In a pipeline, before the stage trains: the overrides it adds (its teacher, its pair shards)."""
+        return []
+
+    @classmethod
+    def build(cls, cfg) -> Stage:
+        return cls(build_objective(cfg.objective), parent=_parent(cfg))
+
+    # ---- in every worker: the loop ----
     def batches(self, cfg, rank: int, world: int, skip: int, on_corrupt: CorruptShards) -> Iterator[dict]:
         """This rank's endless stream of batches {x, cond[, noise]} (see dtrain.data.shards)."""
         d = cfg.data
@@ -74,69 +135,115 @@ class Stage:
         return {"stage": self.name, "parent": self.parent, **self.lineage}
 
 
-def pretrain(cfg) -> Stage:
-    if cfg.objective.name == "mean_flow":
+@register
+class Pretrain(Stage):
+    """Images -> cfg.objective; a flow map (objective mean_flow) resolves its JVP mode for the ZeRO stage."""
+    name = "pretrain"
+
+    @classmethod
+    def build(cls, cfg) -> Stage:
+        if cfg.objective.name != "mean_flow":
+            return super().build(cfg)
         objective = _mean_flow(cfg)
-        return FlowMap("pretrain", objective, parent=_parent(cfg), lineage={"jvp": objective.jvp})
-    return Stage("pretrain", build_objective(cfg.objective), parent=_parent(cfg))
-
-
-def _mean_flow(cfg) -> MeanFlowLoss:
-    """The flow map's objective with its JVP mode resolved: `auto` is forward mode, or under ZeRO-3 (which
-    neither forward mode nor a second backward passes, dtrain.diffusion.meanflow) central differences."""
-    objective = MeanFlowLoss.from_config(cfg.objective)
-    if objective.jvp == "auto":
-        objective.jvp = "finite_difference" if cfg.train.zero_stage == 3 else "forward"
-    return objective
-
-
-class FlowMap(Stage):
-    """A flow map (MeanFlow) trained like any pretraining; its JVP by finite differences needs fp32."""
+        return cls(objective, parent=_parent(cfg), lineage={"jvp": objective.jvp})
 
     def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None = None) -> None:
-        _check_difference_precision(self.objective, cfg, dtype)
+        if isinstance(self.objective, MeanFlowLoss):
+            _check_difference_precision(self.objective, cfg, dtype)
 
 
-def _check_difference_precision(objective: MeanFlowLoss, cfg, dtype: torch.dtype) -> None:
-    if objective.jvp == "finite_difference" and dtype != torch.float32:
-        raise ValueError(f"the flow map's JVP by finite differences (ZeRO-3) needs train.precision=fp32, not "
-                         f"{cfg.train.precision}: a difference quotient of {dtype} outputs is noise")
+@register
+class Reflow(Stage):
+    """Rectified flow on the (noise, sample) pairs its teacher wrote; the pipeline has the teacher write them."""
+    name = "reflow"
+    needs_teacher = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        _check(cfg.objective.name == "rectified_flow", "stage.name",
+               f"reflow straightens a flow: it needs objective.name=rectified_flow (got {cfg.objective.name})")
+
+    @classmethod
+    def prelude(cls, step: PipelineStep) -> list[str]:
+        if step.dry:
+            return []
+        pairs = f"{step.root}/{step.pipeline}-{step.spec.name}-pairs"
+        p = step.spec.pairs
+        generate_pairs(step.parent, pairs, count=p.count, per_shard=p.per_shard, steps=p.steps, sampler=p.sampler,
+                       guidance=p.guidance)
+        return [f"data.train_shards={shard_urls(pairs, p.count, p.per_shard)}"]
+
+    @classmethod
+    def build(cls, cfg) -> Stage:
+        info = read_pairs_info(cfg.data.train_shards)
+        k = int(info.get("teacher_reflow_k") or 1) + 1  # a pretrained flow is 1-rectified; each reflow adds one
+        pairs = storage.parent(expand_urls(cfg.data.train_shards)[0])
+        return cls(RectifiedFlowLoss(cfg.objective.time_sampling), parent=_parent(cfg),
+                   lineage={"teacher": info["teacher"], "reflow_k": k, "pairs": pairs})
 
 
-def reflow(cfg) -> Stage:
-    info = read_pairs_info(cfg.data.train_shards)
-    k = int(info.get("teacher_reflow_k") or 1) + 1  # a pretrained flow is 1-rectified; each reflow adds one
-    return Stage("reflow", RectifiedFlowLoss(cfg.objective.time_sampling), parent=_parent(cfg),
-                 lineage={"teacher": info["teacher"], "reflow_k": k, "pairs": storage.parent(expand_urls(cfg.data.train_shards)[0])})
+class Distillation(Stage):
+    """A student taught by a frozen teacher (stage.teacher: in a pipeline, its parent), which runs under the
+    student's ZeRO stage (partitioned under ZeRO-3). A DDPM teacher (eps / v / x0 on a VP path) is read as
+    a velocity on the student's linear path."""
+    needs_teacher = True
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        _check(bool(cfg.stage.teacher), "stage.teacher", f"stage {cls.name} needs a teacher checkpoint")
 
-class Distill(Stage):
-    """Consistency distillation of a frozen teacher (dtrain.diffusion.consistency): the teacher and the
-    EMA target run under the student's ZeRO stage (partitioned under ZeRO-3); the target follows the
-    student after every step; the interval count follows the curriculum. The target is saved with each
-    checkpoint and restored on resume, so a resumed distillation continues exactly."""
+    @classmethod
+    def prelude(cls, step: PipelineStep) -> list[str]:
+        return [f"stage.teacher={'previous-stage' if step.dry else step.parent}"]
+
+    @classmethod
+    def build(cls, cfg) -> Stage:
+        st = cfg.stage
+        return cls(None, parent=_parent(cfg),
+                   lineage={"teacher": ckpt_io.locate(st.teacher), "teacher_solver": st.teacher_solver,
+                            "teacher_guidance": st.teacher_guidance, "target_decay": st.target_decay,
+                            "intervals": list(st.intervals)})
 
     def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None = None) -> None:
-        from dtrain.models import build_model
         from dtrain.models.layers import LabelEmbedder
-        from dtrain.train.deepspeed_glue import frozen_engine
 
-        st, self.cfg, self.engine = cfg.stage, cfg, engine
-        for m in engine.module.modules():  # the objective drops labels itself, the same for all three nets
+        self.cfg, self.engine = cfg, engine
+        for m in engine.module.modules():  # the objective drops labels itself, the same for every net
             if isinstance(m, LabelEmbedder):
                 m.dropout = 0.0
+        self.teach(self._teacher(cfg, world, dtype), cfg, world, dtype, start, resume)
+
+    def _teacher(self, cfg, world: int, dtype: torch.dtype):
+        """The teacher's velocity on the student's linear path, fp32 in and out."""
+        from dtrain.train.deepspeed_glue import frozen_engine
+
         net, tcfg = ckpt_io.load_model(self.lineage["teacher"])
         teacher = frozen_engine(net, cfg, world, dtype)
-        # a DDPM teacher (eps / v / x0 on a VP path) is read as a velocity on the student's linear path
-        teacher_fn = on_linear_path(lambda x, t, c: teacher(x.to(dtype), t, c).float(),
-                                    *prediction_and_path(tcfg.objective))
-        self.target = None
-        if cfg.objective.name == "mean_flow":  # a flow map learns the teacher's ODE: no target network
-            self.objective = _mean_flow(cfg).distil_from(teacher_fn, st.teacher_guidance, cfg.model.num_classes,
-                                                         cfg.model.class_dropout)
-            _check_difference_precision(self.objective, cfg, dtype)
-            self.lineage["jvp"] = self.objective.jvp
-            return
+        return on_linear_path(lambda x, t, c: teacher(x.to(dtype), t, c).float(), *prediction_and_path(tcfg.objective))
+
+    def teach(self, teacher_fn, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None) -> None:
+        """Build the objective from the teacher's velocity."""
+        raise NotImplementedError
+
+
+@register
+class ConsistencyDistill(Distillation):
+    """Consistency distillation (dtrain.diffusion.consistency): the EMA target follows the student after every
+    step; the interval count follows the curriculum. The target is saved with each checkpoint and restored
+    on resume, so a resumed distillation continues exactly."""
+    name = "consistency_distill"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        _check(cfg.objective.name == "rectified_flow", "objective.name", "a consistency student is trained on the "
+               f"linear path (rectified_flow), not {cfg.objective.name}; a flow map distils with flow_map_distill")
+
+    def teach(self, teacher_fn, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None) -> None:
+        from dtrain.models import build_model
+        from dtrain.train.deepspeed_glue import frozen_engine
+
+        st, self.target = cfg.stage, None
         if st.target_decay > 0:
             torch.manual_seed(cfg.train.seed)  # the student's own initialisation when it has no parent
             net = build_model(cfg.model)
@@ -146,7 +253,7 @@ class Distill(Stage):
             elif self.parent:
                 self.load_parent(net)
             self.target = frozen_engine(net, cfg, world, dtype)
-        target = self.target or engine
+        target = self.target or self.engine
         self.objective = ConsistencyDistillation(
             teacher=teacher_fn,
             target=lambda x, t, c: target(x.to(dtype), t, c).float(),
@@ -164,8 +271,6 @@ class Distill(Stage):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         st = self.cfg.stage
-        if not isinstance(self.objective, ConsistencyDistillation):
-            return
         self.objective.intervals = intervals_at(step + 1, self.cfg.train.steps, *st.intervals)
         if self.target is None:
             return
@@ -175,6 +280,41 @@ class Distill(Stage):
             mine.lerp_(theirs.to(mine.dtype), 1 - st.target_decay)
 
 
+@register
+class FlowMapDistill(Distillation):
+    """A flow map (MeanFlow) learning its teacher's guided ODE: target and JVP tangent from the teacher's
+    velocity, no target network."""
+    name = "flow_map_distill"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        _check(cfg.objective.name == "mean_flow", "objective.name",
+               f"a flow map distils with objective mean_flow, not {cfg.objective.name}")
+
+    def teach(self, teacher_fn, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None) -> None:
+        st = cfg.stage
+        self.objective = _mean_flow(cfg).distil_from(teacher_fn, st.teacher_guidance, cfg.model.num_classes,
+                                                     cfg.model.class_dropout)
+        _check_difference_precision(self.objective, cfg, dtype)
+        self.lineage["jvp"] = self.objective.jvp
+
+
+def _mean_flow(cfg) -> MeanFlowLoss:
+    """The flow map's objective with its JVP mode resolved: `auto` is forward mode, or under ZeRO-3 (which
+    neither forward mode nor a second backward passes, dtrain.diffusion.meanflow) central differences."""
+    objective = MeanFlowLoss.from_config(cfg.objective)
+    if objective.jvp == "auto":
+        objective.jvp = "finite_difference" if cfg.train.zero_stage == 3 else "forward"
+    return objective
+
+
+def _check_difference_precision(objective: MeanFlowLoss, cfg, dtype: torch.dtype) -> None:
+    if objective.jvp == "finite_difference" and dtype != torch.float32:
+        raise ValueError(f"the flow map's JVP by finite differences (ZeRO-3) needs train.precision=fp32, not "
+                         f"{cfg.train.precision}: a difference quotient of {dtype} outputs is noise")
+
+
 def _gathered(params: list):
     """ZeRO-3's partitioned parameters whole for the duration (a collective); nothing to do otherwise."""
     if not params:
@@ -182,30 +322,6 @@ def _gathered(params: list):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params)
-
-
-def distill(cfg) -> Stage:
-    teacher = ckpt_io.locate(cfg.stage.teacher)
-    return Distill("distill", None, parent=_parent(cfg),
-                   lineage={"teacher": teacher, "teacher_solver": cfg.stage.teacher_solver,
-                            "teacher_guidance": cfg.stage.teacher_guidance, "target_decay": cfg.stage.target_decay,
-                            "intervals": list(cfg.stage.intervals)})
-
-
-STAGES: dict[str, Callable] = {"pretrain": pretrain, "reflow": reflow, "distill": distill}
-
-
-def build_stage(cfg) -> Stage:
-    return STAGES[cfg.stage.name](cfg)
-
-
-def read_pairs_info(urls: str) -> dict:
-    """The `pairs.json` beside pair shards; DataError when the shards are not pairs."""
-    info = storage.sibling(expand_urls(urls)[0], PAIRS_FILE)
-    if not storage.exists(info):
-        raise DataError(f"stage reflow trains on pairs, but {info} is missing: data.train_shards={urls} are not "
-                        "pair shards (make them with `dtrain pairs TEACHER --out DIR`)")
-    return json.loads(storage.read_text(info))
 
 
 def _parent(cfg) -> str | None:

@@ -1,0 +1,79 @@
+"""A new stage kind is one class in one file: this one registers `one_class` (flow matching on the images
+of a single class, a toy of a fine-tuning stage) and trains it through the pipeline on the real stack,
+without an edit anywhere else."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import ray.cloudpickle
+import torch
+
+from dtrain.checkpoint import read_meta
+from dtrain.config import ConfigError, load_config
+from dtrain.train.pipeline import load_pipeline, run_pipeline
+from dtrain.train.stages import STAGES, Stage, check_stage, register
+from tests.conftest import tiny_overrides
+
+ONLY = 3  # the class the toy stage trains on
+
+
+@register
+class OneClass(Stage):
+    """Rectified flow on the images of class ONLY alone."""
+    name = "one_class"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.model.class_dropout != 0.0:
+            raise ConfigError("model.class_dropout: one_class trains one label, so it needs 0 (no null label)")
+
+    @classmethod
+    def build(cls, cfg) -> Stage:
+        stage = super().build(cfg)
+        stage.lineage["only_class"] = ONLY
+        return stage
+
+    def batches(self, cfg, rank, world, skip, on_corrupt):
+        for batch in super().batches(cfg, rank, world, skip, on_corrupt):
+            keep = batch["cond"] == ONLY
+            if keep.any():
+                yield {"x": batch["x"][keep], "cond": batch["cond"][keep]}
+
+
+# Ray workers unpickle the class the driver hands them: by value, since they cannot import this test file
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_registered_kind_is_checked_by_its_own_rules():
+    assert STAGES["one_class"] is OneClass
+    with pytest.raises(ConfigError, match="class_dropout"):
+        check_stage(load_config(None, ["stage.name=one_class"]))
+    check_stage(load_config(None, ["stage.name=one_class", "model.class_dropout=0.0"]))
+    with pytest.raises(ConfigError, match="stage.name: 'two_class' is not one of"):
+        check_stage(load_config(None, ["stage.name=two_class"]))
+
+
+def test_batches_of_the_toy_kind_hold_its_class_only(digits_dir, tmp_path):
+    from dtrain.data.shards import CorruptShards
+    from dtrain.train.stages import build_stage
+
+    cfg = load_config(None, tiny_overrides(digits_dir, tmp_path) + ["stage.name=one_class", "model.class_dropout=0.0"])
+    batch = next(build_stage(cfg).batches(cfg, 0, 1, 0, CorruptShards()))
+    assert len(batch["cond"]) > 0 and bool((batch["cond"] == ONLY).all())
+
+
+@pytest.mark.slow
+def test_a_kind_registered_in_a_test_file_trains_through_the_pipeline(ray_cluster, digits_dir, tmp_path):
+    overrides = tiny_overrides(digits_dir, tmp_path) + ["train.steps=4", "train.ckpt_every=4", "model.class_dropout=0.0"]
+    (tmp_path / "exp.yaml").write_text("{}\n")
+    path = tmp_path / "toy.yaml"
+    path.write_text("name: toy\nconfig: exp.yaml\noverrides: " + json.dumps(overrides)
+                    + "\nstages:\n  - kind: one_class\n")
+    state = run_pipeline(load_pipeline(path))
+    assert state["stages"]["one_class"]["kind"] == "one_class"
+    meta = read_meta(state["stages"]["one_class"]["checkpoint"])
+    assert meta["stage"] == "one_class" and meta["only_class"] == ONLY and meta["step"] == 4
+    assert torch.isfinite(torch.tensor(json.loads((tmp_path / "runs" / "toy.pipeline.json").read_text())
+                                       ["stages"]["one_class"]["seconds"]))
