@@ -237,7 +237,8 @@ def sample(checkpoint, out, classes, per_class, steps, sampler, guidance, seed, 
     import torch
 
     from dtrain.checkpoint import load_model, read_meta
-    from dtrain.generation import nfe, render
+    from dtrain.diffusion.samplers import nfe
+    from dtrain.generation import render
     from dtrain.images import save_grid
     from dtrain.precision import choose
 
@@ -255,7 +256,7 @@ def sample(checkpoint, out, classes, per_class, steps, sampler, guidance, seed, 
                choice.precision, sampler)
     factor = 4 if x.shape[-1] < 64 else 1  # upscale only tiny images (8-16 px digits) so they are visible
     click.echo(f"wrote {save_grid(x, out, ncol=per_class, factor=factor)} ({len(labels)} classes x {per_class}, "
-               f"{sampler} {steps} steps, {nfe(steps, guidance, sampler)} network evaluations per image, "
+               f"{sampler} {steps} steps, {nfe(sampler, steps, guidance)} network evaluations per image, "
                f"{choice.precision}: {choice.reason})")
 
 

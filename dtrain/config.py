@@ -284,7 +284,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express. Runs in the driver, before any worker."""
     from dtrain.diffusion import OBJECTIVES
-    from dtrain.diffusion.samplers import SAMPLERS
+    from dtrain.diffusion.samplers import SAMPLERS, misfit
     from dtrain.models import BACKBONES
     from dtrain.precision import PRECISIONS
 
@@ -307,7 +307,6 @@ def validate(cfg: Config) -> None:
     _check(1 <= st.intervals[0] <= st.intervals[1], "stage.intervals", f"{list(st.intervals)}: need 1 <= start <= end")
     _check((o.name == "mean_flow") <= m.flow_map, "model.flow_map", "objective mean_flow trains a flow map: "
            "set model.flow_map=true")
-    _check(cfg.sample.sampler != "flow_map" or m.flow_map, "sample.sampler", "flow_map needs model.flow_map=true")
     _check(0.0 <= o.jump_share <= 1.0, "objective.jump_share", "must be in [0, 1]")
     _check(o.jvp in ("auto", "forward", "double_backward", "finite_difference"), "objective.jvp",
            f"'{o.jvp}' is not auto, forward, double_backward or finite_difference")
@@ -315,6 +314,7 @@ def validate(cfg: Config) -> None:
            "objective.jvp", "under ZeRO-3 neither forward-mode AD (its partitioned linear layers have no jvp "
            "rule) nor a double backward (it releases the weights) passes: use finite_difference, or auto")
     _check(cfg.sample.sampler in SAMPLERS, "sample.sampler", f"'{cfg.sample.sampler}' is not one of {', '.join(SAMPLERS)}")
+    _check(not misfit(cfg.sample.sampler, m.flow_map), "sample.sampler", str(misfit(cfg.sample.sampler, m.flow_map)))
     _check(cfg.objective.time_sampling in ("uniform", "logit_normal"), "objective.time_sampling",
            "must be uniform or logit_normal")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not 0, 1, 2 or 3")

@@ -20,16 +20,11 @@ from dtrain.checkpoint import CheckpointError
 from dtrain.data.latents import decode_latents, load_vae
 from dtrain.diffusion import prediction_and_path
 from dtrain.diffusion.parameterization import Denoiser
-from dtrain.diffusion.samplers import guided, initial_noise, sample, sample_flow_map, sampling_times
-from dtrain.diffusion.samplers import nfe as solver_nfe
+from dtrain.diffusion import samplers
+from dtrain.diffusion.samplers import guided, initial_noise, sample, sampling_times
 from dtrain.images import grid, to_uint8
 from dtrain.models import build_model
-from dtrain.precision import DTYPES
-
-
-def nfe(steps: int, guidance: float, sampler: str = "euler") -> int:
-    """Network evaluations `render` spends per image (guidance, CFG, doubles them)."""
-    return solver_nfe(sampler, steps, guidance)
+from dtrain.precision import DTYPES, in_precision
 
 
 @functools.lru_cache(maxsize=4)
@@ -72,8 +67,9 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
           live: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
     """The ODE's end state [B, C, h, w] in the net's own space (latents stay latents), from the noise
     `initial_noise(seeds)`. labels: [B] long class labels; seeds: B ints, one noise generator each, so a
-    sample depends on its seed alone and not on how it was batched. `sampler` (euler | heun | ddim) takes
-    `steps` steps with classifier-free guidance, `nfe(steps, guidance, sampler)` network calls per image,
+    sample depends on its seed alone and not on how it was batched. `sampler` (a name in
+    dtrain.diffusion.samplers.REGISTRY) takes `steps` steps with classifier-free guidance,
+    `samplers.nfe(sampler, steps, guidance)` network calls per image,
     whatever the net predicts (velocity, eps, v, x0: cfg.objective says). The net runs in `precision`
     (bf16 | fp32 | fp16); the ODE state stays in float32. watermark: a dtrain.watermark.WatermarkKey
     whose signs the initial noise takes (None: plain noise). live: called before every network call, a
@@ -81,10 +77,13 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
     if len(labels) != len(seeds):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds: one seed per image")
     m, dtype = cfg.model, DTYPES[precision]
+    unfit = samplers.misfit(sampler, m.flow_map)
+    if unfit:
+        raise ValueError(unfit)
     run = _in_dtype(net, dtype)
     device = next(run.parameters()).device
     # t stays float32: the timestep embedding computes its sinusoids in float32 itself
-    net_fn = lambda x, t, c, s=None: (run(x.to(dtype), t, c) if s is None else run(x.to(dtype), t, c, s)).float()  # noqa: E731
+    net_fn = in_precision(run, dtype)
     if live is not None:
         net_fn = _only_live(net_fn, live)
     prediction, path = prediction_and_path(cfg.objective)
@@ -93,13 +92,10 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
     was_training = run.training
     run.eval()  # in train mode the label embedder drops labels at random (CFG training): never when sampling
     try:
-        if sampler == "flow_map":
-            if not m.flow_map:
-                raise ValueError("sampler flow_map needs a flow map (model.flow_map=true): this net predicts "
-                                 "a velocity only")
+        if samplers.get(sampler).needs_flow_map:
             with torch.no_grad():
-                return sample_flow_map(net_fn, labels.to(device), guidance, m.num_classes, noise,
-                                       sampling_times(path, steps).to(device)).cpu()
+                return samplers.get(sampler).run(net_fn, labels.to(device), guidance, m.num_classes, noise,
+                                                 sampling_times(path, steps).to(device)).cpu()
         denoiser = Denoiser(guided(net_fn, labels.to(device), guidance, m.num_classes), prediction, path)
         # the consistency sampler's fresh noise at step k, per image from its seed alone
         renoise = lambda k: initial_noise(noise.shape[1:], [(s * 1_000_003 + k) % 2**63 for s in seeds])  # noqa: E731

@@ -120,3 +120,11 @@ def machine() -> dict:
     return {"cpu": cpu_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16_cpu": choose("auto", "cpu").precision == "bf16", "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+
+
+def in_precision(net: Callable, dtype: torch.dtype) -> Callable:
+    """net(x, t, cond[, s]) run on x cast to `dtype`, its output back in float32: what every objective, solver
+    and detector sees, whatever the net's precision (t stays float32: the time embedding casts itself)."""
+    def fn(x: torch.Tensor, t: torch.Tensor, cond, s: torch.Tensor | None = None) -> torch.Tensor:
+        return (net(x.to(dtype), t, cond) if s is None else net(x.to(dtype), t, cond, s)).float()
+    return fn

@@ -32,7 +32,7 @@ from dtrain.errors import DtrainError
 from dtrain.diffusion import prediction_and_path
 from dtrain.diffusion.parameterization import Denoiser
 from dtrain.diffusion.samplers import guided, invert
-from dtrain.precision import DTYPES
+from dtrain.precision import DTYPES, in_precision
 
 KEY_FILE_ENV = "DTRAIN_WATERMARK_KEY_FILE"  # where the default key lives, if not ~/.config/dtrain/watermark.key
 DETECT_ALPHA = 0.01  # a p-value below this is reported as watermarked (1% false positives at most)
@@ -132,7 +132,7 @@ def recover_noise(net: torch.nn.Module, cfg, images: torch.Tensor, steps: int | 
         out = []
         for c in range(m.num_classes):
             labels = torch.full((len(x),), c, dtype=torch.long, device=device)
-            fn = guided(lambda z, t, y: net(z.to(dtype), t, y).float(), labels, guidance, m.num_classes)
+            fn = guided(in_precision(net, dtype), labels, guidance, m.num_classes)
             out.append(invert(Denoiser(fn, prediction, path), x, steps).cpu())
         return torch.stack(out)
     finally:

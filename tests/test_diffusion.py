@@ -8,7 +8,7 @@ from dtrain.diffusion.ddpm import DDPMLoss
 from dtrain.diffusion.flow import RectifiedFlowLoss, sample_time
 from dtrain.diffusion.parameterization import PREDICTIONS, Denoiser, from_x_eps, to_velocity, to_x_eps
 from dtrain.diffusion.paths import PATHS
-from dtrain.diffusion.samplers import (ODE_SAMPLERS, flow_times, generate, guided, initial_noise, nfe, sample,
+from dtrain.diffusion.samplers import (REGISTRY, flow_times, guided, initial_noise, misfit, nfe, sample,
                                        sample_euler, sample_heun, sampling_times)
 
 # (path, prediction) pairs a sampler can use from t_min: v needs a VP path; eps on the linear path
@@ -110,6 +110,9 @@ def test_conversions_round_trip(name, prediction):
     assert torch.allclose(torch.stack(to_x_eps("velocity", u, x, t, path)), torch.stack([x_hat, eps_hat]))
 
 
+ODE_SAMPLERS = [name for name, s in REGISTRY.items() if not s.needs_flow_map]  # what `sample` runs
+
+
 @pytest.mark.parametrize("sampler", ODE_SAMPLERS)
 @pytest.mark.parametrize("name,prediction", PAIRS)
 def test_samplers_reach_a_point_mass_from_the_exact_net(sampler, name, prediction):
@@ -138,7 +141,7 @@ def test_ddim_is_euler_on_the_linear_path(prediction):
     fn = lambda x, t: torch.tanh(x @ w) * (1 + t.view(-1, 1))  # noqa: E731  some non-trivial net
     x = torch.randn(3, 4, dtype=torch.float64)
     den = lambda: Denoiser(fn, prediction, PATHS["linear"])  # noqa: E731
-    assert torch.allclose(sample("ddim", den(), x, 7, shift=2.0), sample("euler", den(), x, 7, shift=2.0), atol=1e-12)
+    assert torch.allclose(sample("ddim", den(), x, 7), sample("euler", den(), x, 7), atol=1e-12)
 
 
 def test_heun_beats_euler_on_a_gaussian():
@@ -177,12 +180,11 @@ def test_unknown_sampler_names_the_choices():
         nfe("dpm", 2, 1.0)
 
 
-def test_schedule_runs_from_noise_to_data_and_shift_moves_steps_to_noise():
+def test_schedule_runs_from_noise_to_data():
     ts = flow_times(10)
     assert ts[0] == 0 and ts[-1] == 1 and torch.all(ts[1:] > ts[:-1])
-    assert flow_times(10, shift=3.0)[5] < ts[5]
     for path in PATHS.values():
-        ts = sampling_times(path, 10, shift=3.0)
+        ts = sampling_times(path, 10)
         assert torch.isclose(ts[0], torch.tensor(path.t_min)) and ts[-1] == 1 and torch.all(ts[1:] > ts[:-1])
 
 
@@ -200,15 +202,12 @@ def test_noise_depends_on_seed_not_on_batch():
     assert not torch.equal(a[0], a[1])
 
 
-def test_generate_counts_network_evaluations():
-    calls = []
-
-    def net(x, t, c):
-        calls.append(x.shape[0])
-        return torch.zeros_like(x)
-
-    generate(net, torch.tensor([1, 2]), torch.randn(2, 1, 2, 2), steps=5, guidance=2.0, null_label=10)
-    assert calls == [4] * 5  # one batched (cond + uncond) call per step
+def test_the_registry_decides_which_samplers_fit_a_model():
+    assert misfit("flow_map", flow_map=False) and "model.flow_map=true" in misfit("flow_map", flow_map=False)
+    assert all(misfit(name, flow_map=False) is None for name in ODE_SAMPLERS)
+    assert all(misfit(name, flow_map=True) is None for name in REGISTRY)
+    with pytest.raises(ValueError, match="flow_map.*generation.solve"):
+        sample("flow_map", Denoiser(lambda x, t: x, "velocity", PATHS["linear"]), torch.zeros(1, 1), 2)
 
 
 def test_logit_normal_times_stay_inside_and_concentrate_mid_path():

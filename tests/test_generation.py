@@ -5,7 +5,8 @@ import torch
 
 from dtrain.checkpoint import load_model, read_meta, write_inference_files
 from dtrain.config import load_config
-from dtrain.generation import grid_from_weights, image_shape, nfe, render
+from dtrain.diffusion.samplers import nfe
+from dtrain.generation import grid_from_weights, image_shape, render
 from dtrain.models import build_model
 
 
@@ -57,7 +58,7 @@ def test_a_net_in_train_mode_samples_as_in_eval_mode_and_keeps_its_mode(ckpt):
 
 def test_nfe_and_grid_from_weights(ckpt):
     net, cfg = load_model(ckpt)
-    assert nfe(8, 1.0) == 8 and nfe(8, 2.0) == 16
+    assert nfe("euler", 8, 1.0) == 8 and nfe("euler", 8, 2.0) == 16
     g = grid_from_weights(net.state_dict(), cfg, {}, per_class=3)
     assert g.dtype == np.uint8 and g.shape == (10 * 9 + 1, 3 * 9 + 1)  # rows = classes, 8 px cells, 1 px pad
 
@@ -85,4 +86,4 @@ def test_every_sampler_renders_every_parameterisation_at_the_nfe_it_reports(obje
         counting = _Counting(net)
         x = render(counting, cfg, {}, torch.tensor([1, 2, 3]), [0, 1, 2], steps=3, guidance=2.0, sampler=sampler)
         assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
-        assert counting.rows == 3 * nfe(3, 2.0, sampler)  # heun: 2 * 3 - 1 evaluations, x2 with guidance
+        assert counting.rows == 3 * nfe(sampler, 3, 2.0)  # heun: 2 * 3 - 1 evaluations, x2 with guidance

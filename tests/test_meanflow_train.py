@@ -7,7 +7,8 @@ import torch
 
 from dtrain.checkpoint import load_model, read_meta
 from dtrain.config import load_config
-from dtrain.generation import nfe, render
+from dtrain.diffusion.samplers import nfe
+from dtrain.generation import render
 from dtrain.train.driver import fit
 from tests.conftest import tiny_overrides
 
@@ -33,4 +34,4 @@ def test_a_flow_map_trains_under_zero_and_samples_in_one_step(ray_cluster, digit
     assert loaded.model.flow_map and any(k.startswith("span_embed.") for k in net.state_dict())
     x = render(net, loaded, meta, torch.arange(4), [0, 1, 2, 3], steps=1, guidance=1.0, sampler="flow_map")
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
-    assert nfe(1, 1.0, "flow_map") == 1
+    assert nfe("flow_map", 1, 1.0) == 1

@@ -31,7 +31,7 @@ from dtrain.data.shards import train_batches
 from dtrain.diffusion import build_objective
 from dtrain.models import build_model, count_params
 from dtrain.runtime import ensure_ray, free_port
-from dtrain.precision import choose
+from dtrain.precision import choose, in_precision
 from dtrain.train.deepspeed_glue import lr_lambda
 from dtrain.train.driver import fit, run_dir
 from dtrain.train.ema import EMA
@@ -67,8 +67,7 @@ def torch_worker(rank: int, world: int, cfg_yaml: str, warmup: int, port: int, q
     batches = train_batches(cfg.data.train_shards, rank, world, t.seed, bs, cfg.data.shuffle_buffer,
                             cfg.data.loader_workers)
 
-    def model_fn(x, time_, cond):
-        return model(x.to(dtype), time_, cond).float()
+    model_fn = in_precision(model, dtype)
 
     window_loss = torch.zeros(())
     for step in range(t.steps):

@@ -38,7 +38,7 @@ from dtrain.config import Config, from_yaml, load_config, to_yaml
 from dtrain.diffusion import build_objective
 from dtrain.models import build_model
 from dtrain.runtime import ensure_ray, pin_threads
-from dtrain.precision import DTYPES, choose
+from dtrain.precision import DTYPES, choose, in_precision
 from dtrain.train.deepspeed_glue import deepspeed_config, wrap_deepspeed
 
 # The ZeRO paper's model-state accounting (Rajbhandari et al. 2020, Sec. 3.1 and Fig. 1): per
@@ -132,7 +132,7 @@ def zero_worker(cfg_dict: dict) -> list[dict] | None:
     y = torch.randint(0, m.num_classes, (cfg.data.batch_size,))
     micro_batches = cfg_dict["steps"] * cfg.train.grad_accum_steps
     for micro in range(micro_batches + 1):  # DeepSpeed steps the optimizer at each step's last micro-batch
-        loss = loss_fn(lambda xt, t, c: engine(xt.to(dtype), t, c).float(), {"x": x, "cond": y}).mean()
+        loss = loss_fn(in_precision(engine, dtype), {"x": x, "cond": y}).mean()
         engine.backward(loss)
         if micro < micro_batches:
             engine.step()

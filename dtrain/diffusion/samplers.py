@@ -6,23 +6,19 @@ fn's raw output (velocity, eps, v or x0) into what the solver needs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from dtrain.diffusion.parameterization import Denoiser
-from dtrain.diffusion.paths import PATHS
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-ODE_SAMPLERS = ("euler", "heun", "ddim", "consistency")  # what `sample` runs, on any Denoiser
-SAMPLERS = (*ODE_SAMPLERS, "flow_map")  # flow_map needs a flow-map net's second time: generation.solve
 
 
-def flow_times(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """steps+1 times from 0 (noise) to 1 (data). shift > 1 spends more steps near the noise end
-    (the SD3 time shift, t' = t / (t + shift (1 - t)) in our t=0-is-noise convention)."""
-    t = torch.linspace(0.0, 1.0, steps + 1)
-    return t / (t + shift * (1 - t))
+def flow_times(steps: int) -> torch.Tensor:
+    """steps+1 evenly spaced times from 0 (noise) to 1 (data)."""
+    return torch.linspace(0.0, 1.0, steps + 1)
 
 
 @torch.no_grad()
@@ -33,9 +29,9 @@ def sample_euler(fn: VelocityFn, x: torch.Tensor, ts: torch.Tensor) -> torch.Ten
     return x
 
 
-def sampling_times(path, steps: int, shift: float = 1.0) -> torch.Tensor:
+def sampling_times(path, steps: int) -> torch.Tensor:
     """steps+1 times from path.t_min to exactly 1: flow_times rescaled onto [t_min, 1]."""
-    return 1 - (1 - path.t_min) * (1 - flow_times(steps, shift))  # written so the last time is 1.0 exactly
+    return 1 - (1 - path.t_min) * (1 - flow_times(steps))  # written so the last time is 1.0 exactly
 
 
 @torch.no_grad()
@@ -87,33 +83,8 @@ def sample_consistency(denoiser: Denoiser, x: torch.Tensor, ts: torch.Tensor,
     return x
 
 
-def nfe(sampler: str, steps: int, guidance: float) -> int:
-    """Network evaluations per image for `steps` steps of `sampler`; guidance != 1 doubles them."""
-    per_image = {"euler": steps, "heun": 2 * steps - 1, "ddim": steps, "consistency": steps, "flow_map": steps}
-    if sampler not in per_image:
-        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    return per_image[sampler] * (1 if guidance == 1.0 else 2)
-
-
 @torch.no_grad()
-def sample(sampler: str, denoiser: Denoiser, x: torch.Tensor, steps: int, shift: float = 1.0,
-           renoise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
-    """Integrate from noise x [B, ...] at path.t_min to data at t = 1 in `steps` steps of `sampler`.
-    renoise(k): the fresh noise [B, ...] the consistency sampler adds at its step k (default: random)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if sampler == "flow_map":
-        raise ValueError("the flow_map sampler needs the net's second time: sample through generation.solve")
-    ts = sampling_times(denoiser.path, steps, shift).to(x.device)
-    if sampler == "ddim":
-        return sample_ddim(denoiser, x, ts)
-    if sampler == "consistency":
-        return sample_consistency(denoiser, x, ts, renoise or (lambda k: torch.randn_like(x)))
-    return (sample_euler if sampler == "euler" else sample_heun)(denoiser.velocity, x, ts)
-
-
-@torch.no_grad()
-def invert(denoiser: Denoiser, x: torch.Tensor, steps: int, shift: float = 1.0, refine: int = 2) -> torch.Tensor:
+def invert(denoiser: Denoiser, x: torch.Tensor, steps: int, refine: int = 2) -> torch.Tensor:
     """The noise at path.t_min that `steps` deterministic DDIM steps (Euler's, on the linear path) carry
     to the data x [B, ...]. Each step back starts from plain DDIM inversion (the step taken with the
     noise estimate at its known, data-side end) and is refined `refine` times by the residual of the
@@ -121,7 +92,7 @@ def invert(denoiser: Denoiser, x: torch.Tensor, steps: int, shift: float = 1.0, 
     approximating it (converges while the step is close to the identity, as small steps are).
     (1 + refine) * steps calls."""
     path = denoiser.path
-    ts = sampling_times(path, steps, shift).flip(0).to(x.device)  # 1 (data) down to t_min (noise)
+    ts = sampling_times(path, steps).flip(0).to(x.device)  # 1 (data) down to t_min (noise)
     for t_data, t in zip(ts[:-1], ts[1:]):
         known = x
         eps = denoiser.x_eps(known, t_data.expand(x.shape[0]))[1]
@@ -161,11 +132,53 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+# ---- the registry: every sampler, what it costs and what it needs ----
+
+@dataclass(frozen=True)
+class Sampler:
+    """run: an ODE sampler's (denoiser, x, ts, renoise) -> x, or a flow map's (net, cond, guidance, null_label,
+    x, ts) -> x. calls: network evaluations per image for a step count, without guidance.
+    needs_flow_map: runs only on a flow-map net (model.flow_map: the second time s)."""
+    run: Callable
+    calls: Callable[[int], int]
+    needs_flow_map: bool = False
+
+
+REGISTRY: dict[str, Sampler] = {
+    "euler": Sampler(lambda d, x, ts, renoise: sample_euler(d.velocity, x, ts), lambda steps: steps),
+    "heun": Sampler(lambda d, x, ts, renoise: sample_heun(d.velocity, x, ts), lambda steps: 2 * steps - 1),
+    "ddim": Sampler(lambda d, x, ts, renoise: sample_ddim(d, x, ts), lambda steps: steps),
+    "consistency": Sampler(sample_consistency, lambda steps: steps),
+    "flow_map": Sampler(sample_flow_map, lambda steps: steps, needs_flow_map=True),
+}
+SAMPLERS = tuple(REGISTRY)  # the names, for CLI choices and request schemas
+
+
+def get(name: str) -> Sampler:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    return REGISTRY[name]
+
+
+def nfe(sampler: str, steps: int, guidance: float) -> int:
+    """Network evaluations per image for `steps` steps of `sampler`; guidance != 1 doubles them."""
+    return get(sampler).calls(steps) * (1 if guidance == 1.0 else 2)
+
+
+def misfit(sampler: str, flow_map: bool) -> str | None:
+    """Why `sampler` cannot run on a model (flow_map: the model is a flow map), or None when it can. The
+    one place that decides: the config, the HTTP app and generation.solve all ask here."""
+    if get(sampler).needs_flow_map and not flow_map:
+        return f"sampler {sampler} needs a flow map (model.flow_map=true): this model predicts a velocity only"
+    return None
+
+
 @torch.no_grad()
-def generate(net, cond: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float,
-             null_label: int, shift: float = 1.0, sampler: str = "euler", prediction: str = "velocity",
-             path=PATHS["linear"]) -> torch.Tensor:
-    """Class-conditional samples [B, C, H, W] in about [-1, 1]: guided `sampler` from `noise`
-    (kept for old callers; `sample` is the entry point)."""
-    denoiser = Denoiser(guided(net, cond, guidance, null_label), prediction, path)
-    return sample(sampler, denoiser, noise, steps, shift)
+def sample(sampler: str, denoiser: Denoiser, x: torch.Tensor, steps: int,
+           renoise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """Integrate from noise x [B, ...] at path.t_min to data at t = 1 in `steps` steps of an ODE `sampler`.
+    renoise(k): the fresh noise [B, ...] the consistency sampler adds at its step k (default: random)."""
+    if get(sampler).needs_flow_map:
+        raise ValueError(f"the {sampler} sampler needs the net's second time: sample through generation.solve")
+    ts = sampling_times(denoiser.path, steps).to(x.device)
+    return get(sampler).run(denoiser, x, ts, renoise or (lambda k: torch.randn_like(x)))

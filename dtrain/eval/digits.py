@@ -42,7 +42,8 @@ from dtrain.data.shards import load_images
 from dtrain.eval.features import DigitsClassifier, FeatureNet, accuracy, digits_classifier
 from dtrain.eval.features import feature_net as named_feature_net
 from dtrain.eval.frechet import frechet_distance, gaussian_stats
-from dtrain.generation import image_shape, latent_vae, nfe, render
+from dtrain.diffusion.samplers import nfe
+from dtrain.generation import image_shape, latent_vae, render
 
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 50)
 
@@ -184,7 +185,7 @@ def evaluate_checkpoint(ckpt: str | Path, steps_list=DEFAULT_STEPS, samples_per_
         mine = [p for c, p in zip(chunks, parts) if c[:2] == (sampler, steps)]
         x = as_stored(torch.cat([p[0] for p in mine]))
         s = None if mine[0][1] is None else float(torch.cat([p[1] for p in mine]).mean())
-        row = {"sampler": sampler, "steps": steps, "nfe": nfe(steps, g, sampler), "guidance": g,
+        row = {"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps, g), "guidance": g,
                "fd": frechet_distance(*gaussian_stats(fnet.features(x)), *ref),
                "class_acc": accuracy(clf.logits(x), labels), "straightness": s, "n_samples": len(labels)}
         result["rows"].append(row)

@@ -19,7 +19,8 @@ from dtrain.data.shards import expand_urls, load_images
 from dtrain.eval import eval_seeds
 from dtrain.data.mixture import GaussianMixture
 from dtrain.eval.gmm import coverage, likelihood_gap, ode_log_likelihood, velocity_error
-from dtrain.generation import nfe, render
+from dtrain.diffusion.samplers import nfe
+from dtrain.generation import render
 
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -50,7 +51,7 @@ def evaluate_mixture_checkpoint(ckpt: str | Path, steps_list=(1, 2, 4, 8, 16, 50
         for steps in steps_list:
             x = render(net, cfg, meta, null, seeds, steps, guidance=1.0).reshape(n, -1)
             cov, gap = coverage(gmm, x), likelihood_gap(gmm, x, generator=torch.Generator().manual_seed(seed))
-            rows.append({"sampler": "euler", "steps": steps, "nfe": nfe(steps, 1.0), "tv": round(cov["tv"], 4),
+            rows.append({"sampler": "euler", "steps": steps, "nfe": nfe("euler", steps, 1.0), "tv": round(cov["tv"], 4),
                          "worst_ratio": round(cov["worst_ratio"], 3), "worst_component": cov["worst_component"],
                          "log_lik_gap": round(gap["gap"], 4), "n_samples": n})
         errors = {cond: velocity_error(net, gmm, TIMES, generator=torch.Generator().manual_seed(seed),

@@ -25,7 +25,7 @@ from dtrain.config import from_yaml, to_dict
 from dtrain.data.shards import CorruptShards, DataError, load_images
 from dtrain.generation import grid_from_weights
 from dtrain.models import build_model, count_params
-from dtrain.precision import Choice, choose
+from dtrain.precision import Choice, choose, in_precision
 from dtrain.runtime import pin_threads
 from dtrain.secrets import unseal_into_environ
 from dtrain.storage import is_uri
@@ -92,8 +92,7 @@ def train_func(cfg_dict: dict) -> None:
     loss_fn = stage.objective
     accum, global_batch = t.grad_accum_steps, cfg.data.batch_size * t.grad_accum_steps * world
 
-    def model_fn(x, tt, cond, s=None):  # the objective sees fp32 in and out, whatever the precision
-        return (engine(x.to(dtype), tt, cond) if s is None else engine(x.to(dtype), tt, cond, s)).float()
+    model_fn = in_precision(engine, dtype)  # the objective sees fp32 in and out, whatever the precision
 
     if universal and rank == 0:
         print(f"[dtrain] resumed at step {start} on {world} workers from a universal checkpoint; "

@@ -34,6 +34,7 @@ from dtrain.diffusion.consistency import ConsistencyDistillation, intervals_at
 from dtrain.diffusion.flow import RectifiedFlowLoss
 from dtrain.diffusion.meanflow import MeanFlowLoss
 from dtrain.diffusion.parameterization import on_linear_path
+from dtrain.precision import in_precision
 from dtrain.train.pairs import generate_pairs, read_pairs_info, shard_urls
 
 STAGES: dict[str, type[Stage]] = {}  # kind name -> its class (see register)
@@ -219,7 +220,7 @@ class Distillation(Stage):
 
         net, tcfg = ckpt_io.load_model(self.lineage["teacher"])
         teacher = frozen_engine(net, cfg, world, dtype)
-        return on_linear_path(lambda x, t, c: teacher(x.to(dtype), t, c).float(), *prediction_and_path(tcfg.objective))
+        return on_linear_path(in_precision(teacher, dtype), *prediction_and_path(tcfg.objective))
 
     def teach(self, teacher_fn, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None) -> None:
         """Build the objective from the teacher's velocity."""
@@ -256,7 +257,7 @@ class ConsistencyDistill(Distillation):
         target = self.target or self.engine
         self.objective = ConsistencyDistillation(
             teacher=teacher_fn,
-            target=lambda x, t, c: target(x.to(dtype), t, c).float(),
+            target=in_precision(target, dtype),
             null_label=cfg.model.num_classes, solver=st.teacher_solver, guidance=st.teacher_guidance,
             cond_dropout=cfg.model.class_dropout, intervals=intervals_at(start, cfg.train.steps, *st.intervals))
 
