@@ -59,6 +59,58 @@ def test_bearer_auth_from_file_and_env(tmp_path, monkeypatch):
     assert BearerAuth(None, "DTRAIN_TEST_NO_TOKENS").tenant(None) == "anonymous"
 
 
+def test_every_v1_route_is_behind_the_bearer_dependency_and_healthz_is_open(monkeypatch):
+    """The app's routes on a stand-in ingress replica (no cluster): the one security dependency answers
+    401 on every /v1 route before it runs, and hands the caller's tenant to the routes that take it."""
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+    from fastapi.testclient import TestClient
+    from ray import serve
+
+    from dtrain.serving.app import app
+    from dtrain.serving.ingress import IngressReplica
+
+    class Refusals:
+        def __init__(self):
+            self.reasons = []
+
+        def inc(self, tags):
+            self.reasons.append(tags["reason"])
+
+    monkeypatch.setenv("DTRAIN_TEST_TOKENS", f"{TOKEN}=team-a")
+    replica = IngressReplica.__new__(IngressReplica)  # only what the routes below reach
+    replica.auth, replica.refusals = BearerAuth(None, "DTRAIN_TEST_TOKENS"), Refusals()
+    replica.metrics = SimpleNamespace(refusals=replica.refusals)
+
+    async def generate(req, response, tenant):
+        raise HTTPException(418, f"{tenant} asked for class {req.class_label}")
+
+    async def probe(method):
+        return {"device": "cpu", "precision": "fp32", "probe_ms": 1.0}
+
+    replica.generate, replica.call, replica.catalog = generate, probe, {"tiny": {}}
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=replica))
+    client, job = TestClient(app), "0" * 32
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/generate"), ("POST", "/v1/jobs"), ("GET", f"/v1/jobs/{job}"),
+                         ("DELETE", f"/v1/jobs/{job}"), ("GET", f"/v1/jobs/{job}/events"), ("POST", "/v1/detect")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = client.request(method, path, json={"class_label": 1, "image": ""}, headers=headers)
+            assert (r.status_code, r.json(), r.headers["www-authenticate"]) == (401, {"detail": "unauthorized"}, "Bearer")
+    r = client.post("/v1/generate", json={"class_label": 1}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert (r.status_code, r.json()) == (418, {"detail": "team-a asked for class 1"})  # the route got the tenant
+    r = client.post("/v1/generate", json={"class_label": -1}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "class_label"]
+    # the caller is authorized before the body is read: an unknown caller learns nothing of it
+    assert client.post("/v1/generate", json={"class_label": -1}).status_code == 401
+    assert replica.refusals.reasons == ["unauthorized"] * 14 + ["invalid", "unauthorized"]
+    assert client.get("/healthz").json() == {"status": "ok", "model": "tiny", "device": "cpu", "precision": "fp32",
+                                             "probe_ms": 1.0}
+    paths = app.openapi()["paths"]
+    assert {(p, m): op.get("security") for p, ops in paths.items() for m, op in ops.items()} == {
+        (p, m): None if p == "/healthz" else [{"HTTPBearer": []}] for p, ops in paths.items() for m in ops}
+
+
 # --- the real stack ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -113,7 +165,7 @@ def _assert_same_images(answer: dict, expected: np.ndarray) -> None:
 
 @pytest.mark.slow
 def test_mixed_concurrent_requests_match_direct_sampling(served, versions, watermark_key):
-    from dtrain.generation import nfe
+    from dtrain.diffusion.samplers import nfe
 
     bodies = [{"class_label": i % 10, "seed": 100 * i, "num_images": 1 + i % 3, "version": ("ckpt", "v2")[i % 3 == 0],
                "sampler": ("euler", "heun")[i % 2], "steps": 2 + i % 3, "guidance": (1.0, 2.0)[i // 4 % 2]}
@@ -127,7 +179,7 @@ def test_mixed_concurrent_requests_match_direct_sampling(served, versions, water
         assert (got["model"], got["stage"], got["fallback"]) == ("tiny", "pretrain", False)
         assert got["version"] == body.get("version", got["version"]) and got["version"] in versions
         assert (got["sampler"], got["steps"], got["guidance"]) == (sampler, steps, guidance)
-        assert got["nfe"] == nfe(steps, guidance, sampler) and got["watermark_key_id"] == watermark_key.key_id
+        assert got["nfe"] == nfe(sampler, steps, guidance) and got["watermark_key_id"] == watermark_key.key_id
         assert got["seeds"] == list(range(body.get("seed", 0), body.get("seed", 0) + body.get("num_images", 1)))
         _assert_same_images(got, _direct(versions, got["version"], body))
 
@@ -191,7 +243,8 @@ def test_no_body_gets_a_server_error(served):
     assert set(fields) == {"model", "version", "allow_fallback", "class_label", "seed", "num_images", "sampler",
                            "steps", "guidance"}
     values = st.one_of(st.integers(-2**70, 2**70), st.integers(0, 12), st.floats(), st.text(max_size=8), st.none(),
-                       st.booleans(), st.lists(st.integers(), max_size=2), st.sampled_from(["euler", "heun", "ddim", "tiny", "ckpt", "v2"]))
+                       st.booleans(), st.lists(st.integers(), max_size=2),
+                       st.sampled_from(["euler", "heun", "ddim", "tiny", "ckpt", "v2"]))
     bodies = st.dictionaries(st.one_of(st.sampled_from(fields), st.text(max_size=4)), values, max_size=7)
 
     @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -253,7 +306,7 @@ def test_metrics_reach_prometheus(served):
         time.sleep(2)
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     missing = [n for n in names if n not in text]
-    assert not missing, f"not exported: {missing}; " + "\n".join(l for l in text.splitlines() if "dtrain" in l)
+    assert not missing, f"not exported: {missing}; " + "\n".join(line for line in text.splitlines() if "dtrain" in line)
     assert 'stage="compute"' in text and 'reason="unauthorized"' in text
 
 

@@ -84,7 +84,8 @@ def test_served_images_are_signed_with_how_they_were_made_and_a_changed_byte_bre
         found = verify_png(png)
         assert found["valid"] and not found["errors"], found
         assert found["generation"] == {"model": "tiny", "version": "v2", "stage": answer["stage"],
-                                       "lineage": {"parent": v2["parent"], "teacher": v2["teacher"]}, "sampler": answer["sampler"],
+                                       "lineage": {"parent": v2["parent"], "teacher": v2["teacher"]},
+                                       "sampler": answer["sampler"],
                                        "steps": 3, "guidance": answer["guidance"], "class_label": 5, "seed": seed,
                                        "watermark_key_id": watermark_key.key_id}
         assert found["trust"] and not found["trusted"]  # test credentials: intact, but nobody vouches for them

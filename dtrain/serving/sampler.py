@@ -15,32 +15,19 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dtrain.checkpoint import load_model, read_meta
-from dtrain.generation import image_shape, nfe, render
+from dtrain.diffusion.samplers import nfe
+from dtrain.generation import image_shape, render
 from dtrain.images import to_uint8
 from dtrain.precision import DTYPES, choose
 from dtrain.runtime import pin_threads
 from dtrain.serving.jobs import Cancelled, LiveRows, watch_while
 from dtrain.serving.metrics import SamplerMetrics
+from dtrain.serving.planning import Job  # one request as the sampler sees it
 from dtrain.watermark import WatermarkKey, recover_noise
 from dtrain.watermark import detect as detect_watermark
 
 logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 4  # versions a replica keeps loaded (least recently used is dropped)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One request as the sampler sees it."""
-    class_label: int
-    seeds: tuple[int, ...]
-    sampler: str
-    steps: int
-    guidance: float
-    job_id: Optional[str] = None  # an asynchronous job (dtrain.serving.jobs): cancellable between steps
-
-    @property
-    def key(self) -> tuple[str, int, float]:
-        return self.sampler, self.steps, self.guidance
 
 
 def images_in(jobs: list[Job]) -> int:
@@ -139,7 +126,7 @@ class Sampler:
                     watcher.cancel()
             self.metrics.batch_images.observe(len(seeds), tags=tags)
             self.metrics.images.inc(len(seeds), tags=tags)
-            self.metrics.nfe.inc(len(seeds) * nfe(steps, guidance, sampler), tags=tags)
+            self.metrics.nfe.inc(len(seeds) * nfe(sampler, steps, guidance), tags=tags)
             start = 0
             for i in idx:
                 n = len(jobs[i].seeds)

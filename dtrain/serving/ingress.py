@@ -1,0 +1,186 @@
+"""One replica of the serving ingress: what only it can do. The HTTP routes are in dtrain.serving.app
+and dtrain.serving.job_routes (they reach the replica by dtrain.serving.dependencies); what a request
+means is planned by dtrain.serving.planning; the Serve deployment is dtrain.serving.app.Ingress."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+from typing import Any, Optional
+
+from cachetools import TTLCache
+from fastapi import HTTPException, Response
+from fastapi.security import HTTPAuthorizationCredentials
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from dtrain.diffusion.samplers import nfe
+from dtrain.images import png_bytes
+from dtrain.provenance import ProvenanceSigner
+from dtrain.serving import planning
+from dtrain.serving.auth import BearerAuth
+from dtrain.serving.config import ServeArgs, TenantPolicy
+from dtrain.serving.metrics import IngressMetrics
+from dtrain.serving.planning import Plan, PlanError
+from dtrain.serving.schemas import GenerateRequest, GenerateResponse
+from dtrain.serving.tenancy import PriorityGate, Quotas
+
+logger = logging.getLogger("ray.serve")
+
+
+class IngressReplica:
+    """What only a replica of the ingress can do: hold the sampler and job-board handles and the
+    tokens, admit work to the samplers through its priority gate (by tier), count quotas and the
+    requests in flight, cache and sign responses. The routes reach it by the `IngressDep` dependency."""
+
+    def __init__(self, sampler: DeploymentHandle, board: DeploymentHandle, catalog: dict, args: ServeArgs,
+                 watermark_key_id: Optional[str], signer: Optional[ProvenanceSigner] = None):
+        self.sampler, self.board, self.catalog, self.args = sampler, board, catalog, args
+        self.jobs: set[asyncio.Task] = set()
+        self.key_id, self.signer = watermark_key_id, signer
+        self.specs = args.models  # resolved: name -> ModelSpec
+        self.auth = BearerAuth(args.auth_tokens_file, args.auth_tokens_env)
+        self.metrics = IngressMetrics(next(iter(catalog)))
+        self.in_flight = 0
+        self.cache = TTLCache(args.cache_entries, args.cache_ttl_s) if args.cache_entries else None
+        self.gate = PriorityGate(args.admit_images or args.images_held())
+        self.quotas = Quotas()
+        logger.info(f"ingress for {sorted(catalog)}: auth {'on' if self.auth.enabled else 'off'}, "
+                    f"watermark {self.key_id or 'off'}, provenance {'signed' if signer else 'off'}")
+
+    def refuse(self, status: int, reason: str, detail: Any, headers: Optional[dict] = None) -> HTTPException:
+        self.metrics.refusals.inc(tags={"reason": reason})
+        return HTTPException(status_code=status, detail=detail, headers=headers)
+
+    def invalid(self, field: str, msg: str) -> HTTPException:
+        return self.refuse(422, "invalid", [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
+
+    def authorize(self, creds: Optional[HTTPAuthorizationCredentials]) -> str:
+        """The caller's tenant (who owns its jobs); 401 for a missing or unknown token."""
+        token = creds.credentials if creds else None
+        if not self.auth.allows(token):
+            raise self.refuse(401, "unauthorized", "unauthorized", {"WWW-Authenticate": "Bearer"})
+        return self.auth.tenant(token)
+
+    def overloaded(self, reason: str) -> HTTPException:
+        return self.refuse(503, reason, f"{reason}: retry later", {"Retry-After": str(self.args.retry_after_s)})
+
+    async def call(self, method: str, *args: Any, model_id: str = "", timeout_s: Optional[float] = None) -> Any:
+        """A sampler call bounded by the request timeout; a replica that died mid-call is retried once
+        on another (samples depend on their seeds only, so a retry returns the same images)."""
+        handle = getattr(self.sampler.options(multiplexed_model_id=model_id), method)
+        for attempt in range(2):
+            response = handle.remote(*args)
+            try:
+                return await asyncio.wait_for(response, timeout_s or self.args.request_timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise self.overloaded("timeout") from None
+            except BackPressureError:
+                raise self.overloaded("overloaded") from None
+            except RayActorError:
+                if attempt:
+                    raise self.overloaded("replica_lost") from None
+                logger.warning("a sampler replica died during a request: retrying it on another")
+
+    async def sample(self, plan: Plan, tenant: str, timeout_s: Optional[float] = None) -> Any:
+        """The plan's images from a sampler, once the priority gate admits them (by the tenant's tier)."""
+        timeout_s = timeout_s or self.args.request_timeout_s
+        images, start = len(plan.job.seeds), time.monotonic()
+        try:
+            await asyncio.wait_for(self.gate.acquire(self._policy(tenant).tier, images), timeout_s)
+        except asyncio.TimeoutError:
+            raise self.overloaded("timeout") from None
+        try:
+            left = max(0.001, timeout_s - (time.monotonic() - start))
+            return await self.call("__call__", plan.job, model_id=plan.model_id, timeout_s=left)
+        finally:
+            self.gate.release(images)
+
+    def _policy(self, tenant: str) -> TenantPolicy:
+        return self.args.tenants.get(tenant, self.args.default_tenant)
+
+    def check_quota(self, tenant: str, images: int) -> None:
+        wait = self.quotas.take(tenant, self._policy(tenant).images_per_minute, images)
+        if wait is not None:
+            logger.info(f"refused: tenant {tenant!r}, {images} image(s): quota")
+            raise self.refuse(429, "quota", {"code": "quota", "message": f"over the quota of {tenant}: retry "
+                                             f"after {wait} s"}, {"Retry-After": str(wait)})
+
+    def check_policy(self, req: GenerateRequest) -> None:
+        """The input policy, before routing or any compute: a denied class is refused with 400 and a
+        reason code, counted, and logged with what was refused only (never the token or the body)."""
+        name = req.model or next(iter(self.specs))
+        denied = {*self.args.deny_classes.get("*", ()), *self.args.deny_classes.get(name, ())}
+        if req.class_label in denied:
+            logger.info(f"refused: model {name!r}, class {req.class_label}: denied_class")
+            raise self.refuse(400, "denied_class", {"code": "denied_class",
+                                                    "message": f"class {req.class_label} of {name} is not served"})
+
+    def plan(self, req: GenerateRequest) -> Plan:
+        """Route and check a request against the version that will serve it (dtrain.serving.planning),
+        at this replica's load; 422 naming the field that does not fit."""
+        try:
+            return planning.plan(req, self.specs, self.catalog, max_steps=self.args.max_steps,
+                                 max_images=self.args.max_images, in_flight=self.in_flight, draw=random.random)
+        except PlanError as e:
+            raise self.invalid(e.field, e.msg) from None
+
+    def model_version(self, model: Optional[str], version: Optional[str]) -> tuple[str, str]:
+        """The model and version a request names (default: the first model, its default version); 422
+        for an unknown one."""
+        try:
+            name = planning.model_name(self.specs, model)
+            return name, planning.known_version(self.specs, name, version or self.specs[name].default)
+        except PlanError as e:
+            raise self.invalid(e.field, e.msg) from None
+
+    async def generate(self, req: GenerateRequest, response: Response, tenant: str) -> GenerateResponse:
+        """A request answered in full: input policy, plan, quota, then the cache or the samplers."""
+        started = time.perf_counter()
+        self.check_policy(req)
+        self.in_flight += 1  # this request included: what the spike fallback's threshold counts
+        try:
+            plan = self.plan(req)
+            self.check_quota(tenant, len(plan.job.seeds))
+            # everything the bytes depend on: the version's checkpoint and every generation parameter
+            key = (self.args.models[plan.name].versions[plan.version], plan.fallback, plan.job, self.key_id)
+            if self.cache is not None:
+                hit = self.cache.get(key)
+                self.metrics.cache.inc(tags={"result": "miss" if hit is None else "hit"})
+                response.headers["X-Cache"] = "miss" if hit is None else "hit"
+                if hit is not None:
+                    return hit
+            images = await self.sample(plan, tenant)
+            answer = await self.answer(plan, images, started)
+            if self.cache is not None:
+                self.cache[key] = answer
+            return answer
+        finally:
+            self.in_flight -= 1
+
+    async def answer(self, plan: Plan, images: Any, started: float) -> GenerateResponse:
+        """The response for a plan's images: PNGs, signed last (nothing may change the bytes after)."""
+        job, info = plan.job, plan.info
+        encoding = time.perf_counter()
+        pngs = [png_bytes(img) for img in images]
+        if self.signer is not None:
+            signing = time.perf_counter()
+            how = {"model": plan.name, "version": plan.version, "stage": info["stage"],
+                   "lineage": {"parent": info["parent"], "teacher": info["teacher"]}, "sampler": job.sampler,
+                   "steps": job.steps, "guidance": job.guidance, "class_label": job.class_label,
+                   "watermark_key_id": self.key_id}
+            pngs = await asyncio.to_thread(lambda: [self.signer.sign_png(png, {**how, "seed": seed}, f"dtrain {plan.name}")
+                                                    for png, seed in zip(pngs, job.seeds)])
+            self.metrics.stage_seconds.observe(time.perf_counter() - signing, tags={"stage": "sign"})
+        pngs = [base64.b64encode(png).decode() for png in pngs]
+        done = time.perf_counter()
+        self.metrics.stage_seconds.observe(done - encoding, tags={"stage": "encode"})
+        self.metrics.stage_seconds.observe(done - started, tags={"stage": "total"})
+        return GenerateResponse(model=plan.name, version=plan.version, stage=info["stage"], fallback=plan.fallback,
+                                class_label=job.class_label, sampler=job.sampler, steps=job.steps,
+                                guidance=job.guidance, nfe=nfe(job.sampler, job.steps, job.guidance),
+                                seeds=list(job.seeds), watermark_key_id=self.key_id, images=pngs)

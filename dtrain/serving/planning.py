@@ -1,0 +1,106 @@
+"""Request planning: which model and version serve a request (as named, the default, a canary share or
+the spike fallback), with which sampler, steps and guidance (the request's, else the version's
+checkpoint defaults), checked against that version and the deployment's bounds.
+
+Pure: no Ray, no FastAPI, no clock; the canary's coin is drawn by the caller's `draw`. A request that
+does not fit raises PlanError naming the body field, which the ingress answers with 422.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
+
+from dtrain.diffusion.samplers import misfit
+
+if TYPE_CHECKING:
+    from dtrain.serving.config import ModelSpec
+    from dtrain.serving.schemas import GenerateRequest
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request as the sampler sees it."""
+    class_label: int
+    seeds: tuple[int, ...]
+    sampler: str
+    steps: int
+    guidance: float
+    job_id: Optional[str] = None  # an asynchronous job (dtrain.serving.jobs): cancellable between steps
+
+    @property
+    def key(self) -> tuple[str, int, float]:
+        return self.sampler, self.steps, self.guidance
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request routed and checked: the version that serves it and the sampler's job."""
+    name: str
+    version: str
+    fallback: bool
+    info: dict
+    job: Job
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+class PlanError(ValueError):
+    """A request that does not fit the registry, the version or the deployment: 422 naming `field`."""
+
+    def __init__(self, field: str, msg: str):
+        super().__init__(f"{field}: {msg}")
+        self.field, self.msg = field, msg
+
+
+def model_name(specs: Mapping[str, ModelSpec], model: Optional[str]) -> str:
+    """The model a request names (default: the first registered)."""
+    name = model or next(iter(specs))
+    if name not in specs:
+        raise PlanError("model", f"unknown model; registered: {sorted(specs)}")
+    return name
+
+
+def known_version(specs: Mapping[str, ModelSpec], name: str, version: str) -> str:
+    if version not in specs[name].versions:
+        raise PlanError("version", f"unknown version of {name}; registered: {sorted(specs[name].versions)}")
+    return version
+
+
+def route(req: GenerateRequest, specs: Mapping[str, ModelSpec], in_flight: int,
+          draw: Callable[[], float]) -> tuple[str, str, bool]:
+    """(model, version, fallback used) for a request: as named, else the default or a canary share (when
+    `draw()` < its weight); the spike fallback when the request allows it and the ingress holds more than
+    its threshold (`in_flight`, this request included)."""
+    name = model_name(specs, req.model)
+    spec = specs[name]
+    if req.version is not None:
+        return name, known_version(specs, name, req.version), False
+    fb = spec.fallback
+    if req.allow_fallback and fb and in_flight > fb.when_in_flight_over:
+        return name, fb.version, True
+    if spec.canary and draw() < spec.canary.weight:
+        return name, spec.canary.version, False
+    return name, spec.default, False
+
+
+def plan(req: GenerateRequest, specs: Mapping[str, ModelSpec], catalog: Mapping[str, Mapping[str, dict]], *,
+         max_steps: int, max_images: int, in_flight: int, draw: Callable[[], float]) -> Plan:
+    """Route a request, fill in the version's defaults (`catalog[name][version]`, from its checkpoint) and
+    check it against that version and the deployment's bounds; the first misfit raises PlanError."""
+    name, version, fallback = route(req, specs, in_flight, draw)
+    info = catalog[name][version]
+    d = info["defaults"]
+    sampler = req.sampler or d["sampler"]
+    steps = specs[name].fallback.steps if fallback else (req.steps or d["steps"])
+    guidance = d["guidance"] if req.guidance is None else req.guidance
+    for ok, field, msg in ((req.class_label < info["num_classes"], "class_label", f"must be < {info['num_classes']}"),
+                           (misfit(sampler, info["flow_map"]) is None, "sampler",
+                            f"{sampler} needs a flow-map model; {name}/{version} predicts a velocity"),
+                           (steps <= max_steps, "steps", f"must be <= {max_steps}"),
+                           (req.num_images <= max_images, "num_images", f"must be <= {max_images}")):
+        if not ok:
+            raise PlanError(field, msg)
+    seeds = tuple(range(req.seed, req.seed + req.num_images))
+    return Plan(name, version, fallback, info, Job(req.class_label, seeds, sampler, steps, guidance))
