@@ -160,7 +160,7 @@ def pipeline(pipeline_file, overrides, no_eval):
                    f"rerun the same command to resume from it")
         sys.exit(130)
     for name, st in state["stages"].items():
-        click.echo(f"{name:10} {st['kind']:9} {st['checkpoint']}")
+        click.echo(f"{name:10} {st['kind']:19} {st['checkpoint']}")
     if not no_eval:
         from dtrain.eval.pipeline import evaluate_pipeline
 

@@ -55,11 +55,3 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def frechet_distance_features(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     """Squared Frechet distance between the Gaussians fitted to feature sets a [N, F] and b [M, F]."""
     return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
-
-
-def frechet_distance_diagonal(mu1: np.ndarray, var1: np.ndarray, mu2: np.ndarray, var2: np.ndarray) -> float:
-    """Closed form for diagonal covariances, a check on the general formula: with S = diag(var) the
-    matrices commute, (S1 S2)^(1/2) = diag(sqrt(var1 var2)), and
-        d^2 = ||mu1 - mu2||^2 + sum_i (sqrt(var1_i) - sqrt(var2_i))^2."""
-    mu1, mu2, var1, var2 = (np.asarray(a, np.float64) for a in (mu1, mu2, var1, var2))
-    return float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(var1) - np.sqrt(var2)) ** 2).sum())
