@@ -5,14 +5,39 @@ mode, so an unknown or mistyped key fails with an error that names it, before an
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dtrain.diffusion import OBJECTIVES
+from dtrain.diffusion.samplers import SAMPLERS, misfit
 from dtrain.errors import DtrainError
+from dtrain.models import BACKBONES
+from dtrain.precision import PRECISIONS
+
+
+def _choices(name: str, values) -> type[Enum]:
+    """A field with a fixed set of values: OmegaConf refuses any other, naming the key and the choices.
+    Loaded configs hold the plain string (see _plain), so the rest of dtrain compares strings."""
+    return Enum(name, {v: v for v in values}, type=str, module=__name__)
+
+
+Arch = _choices("Arch", BACKBONES)
+Objective = _choices("Objective", OBJECTIVES)
+TimeSampling = _choices("TimeSampling", ("uniform", "logit_normal"))
+Prediction = _choices("Prediction", ("eps", "v", "x0"))
+Schedule = _choices("Schedule", ("cosine", "vp_linear"))
+Jvp = _choices("Jvp", ("auto", "forward", "double_backward", "finite_difference"))
+Solver = _choices("Solver", ("euler", "heun"))
+Sampler = _choices("Sampler", SAMPLERS)
+Precision = _choices("Precision", PRECISIONS)
+OnCorrupt = _choices("OnCorrupt", ("skip", "fail"))
+TrackingMode = _choices("TrackingMode", ("auto", "online", "offline", "disabled"))
 
 
 class ConfigError(DtrainError, ValueError):
@@ -21,7 +46,7 @@ class ConfigError(DtrainError, ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "dit"  # backbone family, a key of dtrain.models.BACKBONES: dit | ssm (SSM-hybrid) | mlp (vectors)
+    arch: Arch = "dit"  # backbone family, a key of dtrain.models.BACKBONES: dit | ssm (SSM-hybrid) | mlp (vectors)
     size: str = "tiny"  # named size in that family's registry (tiny, S, B, L, XL, ...)
     image_size: int = 16  # side of the (square) input in pixels or latent cells
     in_channels: int = 1  # 1 for grayscale digits, 4 for SD-VAE latents
@@ -44,18 +69,18 @@ class DataConfig:
     batch_size: int = 64  # per worker
     shuffle_buffer: int = 512  # samples shuffled within each shard (emptied at its end: resume skips by shard counts)
     loader_workers: int = 0  # torch DataLoader processes per Ray worker (0 = in the training process)
-    on_corrupt: str = "skip"  # a shard that cannot be read: skip (warn and count) | fail
+    on_corrupt: OnCorrupt = "skip"  # a shard that cannot be read: skip (warn and count) | fail
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "rectified_flow"  # a key of dtrain.diffusion.OBJECTIVES: rectified_flow | ddpm | mean_flow
-    time_sampling: str = "logit_normal"  # how t is drawn in training: uniform | logit_normal (SD3)
-    prediction: str = "eps"  # ddpm only: what the net predicts, eps | v | x0 (rectified flow predicts velocity)
-    schedule: str = "cosine"  # ddpm only: noise schedule, cosine | vp_linear
+    name: Objective = "rectified_flow"  # a key of dtrain.diffusion.OBJECTIVES: rectified_flow | ddpm | mean_flow
+    time_sampling: TimeSampling = "logit_normal"  # how t is drawn in training: uniform | logit_normal (SD3)
+    prediction: Prediction = "eps"  # ddpm only: what the net predicts, eps | v | x0 (rectified flow predicts velocity)
+    schedule: Schedule = "cosine"  # ddpm only: noise schedule, cosine | vp_linear
     # mean_flow only (a one-step flow map, dtrain.diffusion.meanflow; needs model.flow_map=true):
     jump_share: float = 0.25  # share of samples trained on a jump s > t (the rest: s = t, flow matching)
-    jvp: str = "auto"  # the total derivative du/dt: forward (torch.func.jvp) | double_backward | finite_difference
+    jvp: Jvp = "auto"  # the total derivative du/dt: forward (torch.func.jvp) | double_backward | finite_difference
     # (fp32 only) | auto: forward, finite_difference under ZeRO-3 (which neither of the others passes)
     adaptive_p: float = 1.0  # loss weight 1 / (error + 1e-3)^p (MeanFlow's adaptive weighting; 0 = plain MSE)
 
@@ -71,7 +96,7 @@ class StageConfig:
     # consistency_distill and flow_map_distill only:
     teacher: Optional[str] = None  # the checkpoint whose ODE the student learns to jump along: a flow, a flow
     # map, or a DDPM model (eps / v / x0, read as a velocity on the student's linear path)
-    teacher_solver: str = "heun"  # the teacher's ODE step between adjacent times: euler | heun
+    teacher_solver: Solver = "heun"  # the teacher's ODE step between adjacent times: euler | heun
     teacher_guidance: float = 1.0  # CFG scale of the teacher's velocity (the student then samples without)
     target_decay: float = 0.95  # EMA decay of the target network; 0 = the student itself, stop-gradient
     intervals: tuple[int, int] = (10, 80)  # discretisation curriculum: N doubles from the first to the second
@@ -92,7 +117,7 @@ class TrainConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     # auto = bf16 where the hardware runs it natively (AMX/AVX512-BF16 CPUs, bf16 GPUs), else fp32 (fp16 on
     # older GPUs); see dtrain.precision. bf16 | fp32 | fp16 (GPU only) force one.
-    precision: str = "auto"
+    precision: Precision = "auto"
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state and step on the CPU (DeepSpeedCPUAdam)
     offload_params: bool = False  # ZeRO-3: parameters live in CPU memory between uses
     activation_checkpointing: bool = False  # recompute each block's activations in backward
@@ -119,7 +144,7 @@ class ScalingConfig:
 class TrackingConfig:
     wandb: bool = True  # W&B run on rank 0 (offline when WANDB_API_KEY is unset)
     project: str = "dtrain"
-    mode: str = "auto"  # auto | online | offline | disabled
+    mode: TrackingMode = "auto"  # auto | online | offline | disabled
     sample_every: int = 0  # steps between sample grids logged to W&B (0 = only at the end)
     group: Optional[str] = None  # W&B run group (`dtrain pipeline` puts its stages in one group: its name)
 
@@ -127,7 +152,7 @@ class TrackingConfig:
 @dataclass
 class SampleConfig:
     steps: int = 16  # solver steps
-    sampler: str = "euler"  # euler | heun (2nd order) | ddim (DDPM models) | flow_map; see dtrain.diffusion.samplers
+    sampler: Sampler = "euler"  # euler | heun (2nd order) | ddim (DDPM models) | flow_map; see dtrain.diffusion.samplers
     guidance: float = 2.0  # classifier-free guidance scale (1 = off)
     per_class: int = 8  # samples per class in a grid
 
@@ -150,7 +175,7 @@ class PairsSpec:
     count: int = 2048  # pairs in all: a multiple of per_shard
     per_shard: int = 256  # pairs per shard (one Ray task each)
     steps: int = 32  # teacher ODE steps
-    sampler: str = "heun"  # teacher ODE solver: euler | heun | ddim
+    sampler: Sampler = "heun"  # teacher ODE solver: euler | heun | ddim
     guidance: float = 1.0  # teacher CFG scale (1 = off: the student learns the conditional flow)
 
 
@@ -166,7 +191,7 @@ class StageSpec:
 @dataclass
 class PipelineEvalSpec:
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # step counts for every stage
-    samplers: list[str] = field(default_factory=lambda: ["euler"])
+    samplers: list[Sampler] = field(default_factory=lambda: ["euler"])
     samples_per_class: int = 0  # 0 = as many as the noise-floor half of the validation set holds
     guidance: float = -1.0  # CFG scale; -1 = each stage's sample.guidance
     audit: bool = True  # digits: the bias audit (null-label samples' classes against the training labels) per stage
@@ -188,13 +213,11 @@ def read_pipeline(path: str | Path) -> PipelineConfig:
     """A pipeline file, typed and checked within itself: stage names (default: the kind, numbered when
     repeated), parents, pairs and samplers. The experiment config it names is resolved against the
     file's directory. What each stage's kind requires is checked by dtrain.train.pipeline.load_pipeline."""
-    from dtrain.diffusion.samplers import SAMPLERS
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
-    typed: PipelineConfig = OmegaConf.to_object(_merge(OmegaConf.structured(PipelineConfig), _load_yaml(path),
-                                                       str(path)))  # type: ignore[assignment]
+    typed: PipelineConfig = _plain(OmegaConf.to_object(_merge(OmegaConf.structured(PipelineConfig), _load_yaml(path),
+                                                              str(path))))  # type: ignore[assignment]
     _check(bool(typed.config), "config", f"{path} names no experiment config")
     _check(bool(typed.stages), "stages", f"{path} lists no stage")
     typed.config = str((path.parent / typed.config).resolve())
@@ -205,15 +228,26 @@ def read_pipeline(path: str | Path) -> PipelineConfig:
             spec.name = spec.kind if seen[spec.kind] == 1 else f"{spec.kind}{seen[spec.kind]}"
         _check(spec.pairs.count > 0 and spec.pairs.count % spec.pairs.per_shard == 0, f"stages[{i}].pairs.count",
                f"{spec.pairs.count} is not a positive multiple of pairs.per_shard={spec.pairs.per_shard}")
-        _check(spec.pairs.sampler in SAMPLERS, f"stages[{i}].pairs.sampler", f"'{spec.pairs.sampler}' is not one of {SAMPLERS}")
     names = [s.name for s in typed.stages]
     _check(len(set(names)) == len(names), "stages", f"stage names repeat: {names}")
     for i, spec in enumerate(typed.stages):
         _check(not spec.parent or spec.parent in names[:i], f"stages[{i}].parent",
                f"'{spec.parent}' is not a stage before '{spec.name}' ({names[:i] or 'none'})")
-    bad = [v for v in typed.eval.samplers if v not in SAMPLERS]
-    _check(not bad, "eval.samplers", f"{bad} not among {', '.join(SAMPLERS)}")
     return typed
+
+
+def _plain(obj):
+    """A typed config with every choice as its plain string (the enum types exist for OmegaConf's checks)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _plain(v)
+        elif isinstance(v, Enum):
+            setattr(obj, f.name, v.value)
+        elif isinstance(v, list):
+            setattr(obj, f.name, [x.value if isinstance(x, Enum) else _plain(x) if dataclasses.is_dataclass(x) else x
+                                  for x in v])
+    return obj
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
@@ -243,7 +277,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    typed: Config = _plain(OmegaConf.to_object(cfg))  # type: ignore[assignment]
     typed.stage.name = current_stage_kind(typed.stage.name, typed.objective.name)
     validate(typed)
     return typed
@@ -262,7 +296,7 @@ def from_yaml(text: str) -> Config:
     raw = OmegaConf.create(text)
     raw.pop("serve", None)  # checkpoints before dtrain.serving.config carried serving limits: ignored now
     cfg = _merge(OmegaConf.structured(Config), raw, "checkpoint config")
-    typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    typed: Config = _plain(OmegaConf.to_object(cfg))  # type: ignore[assignment]
     typed.stage.name = current_stage_kind(typed.stage.name, typed.objective.name)
     validate(typed)
     return typed
@@ -282,43 +316,28 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Semantic checks that types alone cannot express. Runs in the driver, before any worker."""
-    from dtrain.diffusion import OBJECTIVES
-    from dtrain.diffusion.samplers import SAMPLERS, misfit
-    from dtrain.models import BACKBONES
-    from dtrain.precision import PRECISIONS
+    """Semantic checks that types alone cannot express (the choices are Enum-typed fields: OmegaConf
+    refuses a value outside them). Runs in the driver, before any worker."""
 
     m, t = cfg.model, cfg.train
-    _check(m.arch in BACKBONES, "model.arch", f"'{m.arch}' is not one of {sorted(BACKBONES)}")
     sizes = BACKBONES[m.arch].SIZES
     _check(m.size in sizes, "model.size", f"'{m.size}' is not a {m.arch} size: {sorted(sizes)}")
     _check(m.image_size % m.patch_size == 0, "model.image_size",
            f"{m.image_size} is not divisible by model.patch_size={m.patch_size}")
     _check(m.attn_every >= -1, "model.attn_every", "must be -1 (size default), 0 (pure SSM) or a block period")
     _check(0.0 <= m.class_dropout < 1.0, "model.class_dropout", "must be in [0, 1)")
-    _check(cfg.objective.name in OBJECTIVES, "objective.name",
-           f"'{cfg.objective.name}' is not one of {sorted(OBJECTIVES)}")
     o = cfg.objective
-    _check(o.prediction in ("eps", "v", "x0"), "objective.prediction", f"'{o.prediction}' is not eps, v or x0")
-    _check(o.schedule in ("cosine", "vp_linear"), "objective.schedule", f"'{o.schedule}' is not cosine or vp_linear")
     st = cfg.stage
-    _check(st.teacher_solver in ("euler", "heun"), "stage.teacher_solver", f"'{st.teacher_solver}' is not euler or heun")
     _check(0.0 <= st.target_decay < 1.0, "stage.target_decay", "must be in [0, 1)")
     _check(1 <= st.intervals[0] <= st.intervals[1], "stage.intervals", f"{list(st.intervals)}: need 1 <= start <= end")
     _check((o.name == "mean_flow") <= m.flow_map, "model.flow_map", "objective mean_flow trains a flow map: "
            "set model.flow_map=true")
     _check(0.0 <= o.jump_share <= 1.0, "objective.jump_share", "must be in [0, 1]")
-    _check(o.jvp in ("auto", "forward", "double_backward", "finite_difference"), "objective.jvp",
-           f"'{o.jvp}' is not auto, forward, double_backward or finite_difference")
     _check(not (o.name == "mean_flow" and o.jvp in ("forward", "double_backward") and t.zero_stage == 3),
            "objective.jvp", "under ZeRO-3 neither forward-mode AD (its partitioned linear layers have no jvp "
            "rule) nor a double backward (it releases the weights) passes: use finite_difference, or auto")
-    _check(cfg.sample.sampler in SAMPLERS, "sample.sampler", f"'{cfg.sample.sampler}' is not one of {', '.join(SAMPLERS)}")
     _check(not misfit(cfg.sample.sampler, m.flow_map), "sample.sampler", str(misfit(cfg.sample.sampler, m.flow_map)))
-    _check(cfg.objective.time_sampling in ("uniform", "logit_normal"), "objective.time_sampling",
-           "must be uniform or logit_normal")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not 0, 1, 2 or 3")
-    _check(t.precision in PRECISIONS, "train.precision", f"'{t.precision}' is not one of {', '.join(PRECISIONS)}")
     _check(t.precision != "fp16" or cfg.scaling.use_gpu, "train.precision",
            "fp16 needs scaling.use_gpu=true (its loss scaler is a GPU path); use bf16 on CPU")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be at least 1")
@@ -326,7 +345,6 @@ def validate(cfg: Config) -> None:
            f"needs train.zero_stage=3 (got {t.zero_stage}): only ZeRO-3 partitions parameters")
     _check(not t.offload_optimizer or t.zero_stage >= 1, "train.offload_optimizer",
            "needs train.zero_stage >= 1: ZeRO-0 does not partition optimizer state")
-    _check(cfg.data.on_corrupt in ("skip", "fail"), "data.on_corrupt", "must be skip or fail")
     _check(t.steps > 0, "train.steps", "must be positive")
     _check(t.lr > 0, "train.lr", "must be positive")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
@@ -338,6 +356,4 @@ def validate(cfg: Config) -> None:
            "train.fault_drill_in_save", f"train.fault_drill_step={t.fault_drill_step} is not a checkpoint step")
     _check(cfg.data.batch_size > 0, "data.batch_size", "must be positive")
     _check(cfg.scaling.num_workers > 0, "scaling.num_workers", "must be positive")
-    _check(cfg.tracking.mode in ("auto", "online", "offline", "disabled"), "tracking.mode",
-           "must be auto, online, offline or disabled")
     _check(cfg.sample.steps > 0, "sample.steps", "must be positive")

@@ -80,3 +80,35 @@ def test_deepspeed_config_follows_the_typed_config():
     assert plain["zero_optimization"]["reduce_bucket_size"] <= 5e6
     f = lr_lambda(load_config(None, ["train.steps=100", "train.warmup_steps=10"]))
     assert f(0) == 0.1 and f(9) == 1.0 and abs(f(99) - 0.1) < 1e-3 and f(50) < f(20)
+
+
+@pytest.mark.parametrize("override, choices", [
+    ("sample.sampler=dpm", "euler, heun, ddim, consistency, flow_map"),
+    ("objective.jvp=reverse", "auto, forward, double_backward, finite_difference"),
+    ("objective.schedule=linear", "cosine, vp_linear"),
+    ("objective.prediction=score", "eps, v, x0"),
+    ("objective.time_sampling=beta", "uniform, logit_normal"),
+    ("stage.teacher_solver=rk4", "euler, heun"),
+    ("tracking.mode=cloud", "auto, online, offline, disabled"),
+    ("model.arch=unet", "dit, ssm, mlp"),
+])
+def test_a_choice_outside_its_set_is_refused_by_the_type_naming_key_and_choices(override, choices):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}'?: Invalid value .*expected one of \[{choices}\]"):
+        load_config(None, [override])
+
+
+def test_choices_load_as_plain_strings_and_round_trip():
+    cfg = load_config(None, ["sample.sampler=heun", "objective.name=ddpm", "train.precision=fp32"])
+    assert type(cfg.sample.sampler) is str and type(cfg.objective.name) is str and cfg.train.precision == "fp32"
+    assert from_yaml(to_yaml(cfg)) == cfg
+
+
+def test_a_pipeline_file_with_a_sampler_outside_the_registry_is_refused(tmp_path):
+    from dtrain.config import read_pipeline
+
+    (tmp_path / "exp.yaml").write_text("{}\n")
+    path = tmp_path / "p.yaml"
+    path.write_text("config: exp.yaml\nstages:\n  - kind: pretrain\neval:\n  samplers: [euler, dpm]\n")
+    with pytest.raises(ConfigError, match=r"eval.samplers.*dpm"):
+        read_pipeline(path)
