@@ -60,6 +60,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMS-normalise queries and keys (stabilises large models in bf16)
     attn_every: int = -1  # ssm only: every k-th block is attention, 0 = pure SSM, -1 = the size's own
     flow_map: bool = False  # a second time input s: the net is a flow map u(x, t, s) (objective mean_flow)
+    # mlp only: sin/cos of each coordinate at this many octaves (frequencies 2^k, k = 0..n-1) beside x itself,
+    # so a low-dimensional field with sharp structure (a mixture's modes) is in reach; 0 = x alone
+    fourier_octaves: int = 0
 
 
 @dataclass

@@ -120,3 +120,19 @@ def test_backbones_work_under_torch_compile(arch, backend):
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-4)
     assert "_orig_mod" not in "".join(net.state_dict())  # in-place compile keeps checkpoint keys
+
+
+def test_fourier_features_of_the_mlp_keep_x_and_add_its_octaves():
+    from dtrain.models.mlp import FourierFeatures
+
+    x = torch.tensor([[0.25, -1.0]])
+    f = FourierFeatures(3)(x)  # [x, sin(2^k pi x), cos(2^k pi x)], k = 0, 1, 2, per coordinate
+    assert f.shape == (1, 2 * (1 + 2 * 3))
+    assert torch.equal(f[0, :2], x[0])
+    angles = torch.tensor([0.25, 0.5, 1.0, -1.0, -2.0, -4.0]) * torch.pi
+    assert torch.allclose(f[0, 2:8], angles.sin(), atol=1e-6) and torch.allclose(f[0, 8:], angles.cos(), atol=1e-6)
+    plain = build_model(ModelConfig(arch="mlp", size="tiny", image_size=1, patch_size=1, in_channels=2))
+    with_ff = build_model(ModelConfig(arch="mlp", size="tiny", image_size=1, patch_size=1, in_channels=2,
+                                      fourier_octaves=3))
+    assert with_ff.x_embed.in_features == 14 and plain.x_embed.in_features == 2  # old checkpoints keep loading
+    assert with_ff(torch.randn(3, 2, 1, 1), torch.rand(3), torch.tensor([0, 1, 10])).shape == (3, 2, 1, 1)

@@ -8,6 +8,7 @@ so an untrained net predicts v = 0.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +37,27 @@ class MLPBlock(nn.Module):
         return h + gate * self.mlp(_modulate(self.norm(h), shift, scale))
 
 
+class FourierFeatures(nn.Module):
+    """x [B, D] -> [x, sin(2^k pi x), cos(2^k pi x) for k < octaves] [B, D (1 + 2 octaves)]: the positional
+    encoding of NeRF (Mildenhall et al. 2020, Eq. 4). An MLP on raw low-dimensional inputs learns sharp
+    functions of them slowly (spectral bias; Tancik et al. 2020); on these it does not."""
+
+    def __init__(self, octaves: int):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(octaves, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = (x[..., None] * self.freqs.to(x.dtype)).flatten(1)  # [B, D * octaves]
+        return torch.cat([x, angles.sin(), angles.cos()], dim=1)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden_size: int, depth: int, num_classes: int,
-                 class_dropout: float = 0.1, mlp_ratio: float = 4.0, flow_map: bool = False):
+                 class_dropout: float = 0.1, mlp_ratio: float = 4.0, flow_map: bool = False, fourier_octaves: int = 0):
         super().__init__()
         self.dim = dim
-        self.x_embed = nn.Linear(dim, hidden_size)
+        self.features = FourierFeatures(fourier_octaves) if fourier_octaves else nn.Identity()
+        self.x_embed = nn.Linear(dim * (1 + 2 * fourier_octaves), hidden_size)
         self.t_embed = TimestepEmbedder(hidden_size)
         self.y_embed = LabelEmbedder(num_classes, hidden_size, class_dropout)  # null label = num_classes
         self.span_embed = span_embedding(hidden_size, flow_map)
@@ -60,7 +76,7 @@ class MLP(nn.Module):
         map also takes the time s [B] it jumps to (None: s = t)."""
         if x[0].numel() != self.dim:
             raise ValueError(f"mlp backbone built for {self.dim} features per sample, got shape {tuple(x.shape[1:])}")
-        h = self.x_embed(x.flatten(1))  # [B, H]
+        h = self.x_embed(self.features(x.flatten(1)))  # [B, H]
         c = self.t_embed(t) + self.y_embed(cond) + span_condition(self, t, s)  # [B, H]
         for block in self.blocks:
             h = block(h, c)
@@ -89,4 +105,4 @@ def build(m) -> MLP:
     size = SIZES[m.size]
     return MLP(dim=m.in_channels * m.image_size ** 2, hidden_size=m.hidden_size or size.hidden_size,
                depth=m.depth or size.depth, num_classes=m.num_classes, class_dropout=m.class_dropout,
-               mlp_ratio=m.mlp_ratio, flow_map=m.flow_map)
+               mlp_ratio=m.mlp_ratio, flow_map=m.flow_map, fourier_octaves=m.fourier_octaves)

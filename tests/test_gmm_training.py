@@ -1,0 +1,37 @@
+"""The trainer learns the whole mixture, the unconditional field included (issue 28): configs/gmm.yaml,
+trained on the real stack (Ray Train, DeepSpeed) at a small budget, measured by the exact metrics.
+
+At 500 steps on a 2-core AMD EPYC with AVX-512 BF16 the config without Fourier features (as it was)
+gave unconditional relative errors 0.153 / 0.118 at t = 0.7 / 0.9 and a held-out NLL gap of 1.18 nats;
+with them (the config's `model.fourier_octaves: 3`) 0.062 / 0.023 and 0.26 nats. The bounds sit between the
+two: a regression to the raw-point MLP breaks all three."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dtrain.config import load_config
+from dtrain.data.gmm import load_spec, write_gmm
+
+ROOT = Path(__file__).resolve().parent.parent
+BOUND_T07, BOUND_T09, BOUND_NLL = 0.10, 0.06, 0.6
+
+
+@pytest.mark.slow
+def test_the_mixture_config_learns_the_unconditional_field(ray_cluster, tmp_path):
+    from dtrain.eval.mixture import evaluate_mixture_checkpoint
+    from dtrain.train.driver import fit
+
+    shards = write_gmm(load_spec(ROOT / "configs" / "gmm" / "default.yaml"), tmp_path / "gmm", n_train=20_000,
+                       n_val=2_000, train_shards=4, seed=0)
+    cfg = load_config(ROOT / "configs" / "gmm.yaml", [
+        f"data.train_shards={tmp_path}/gmm/train-{{000000..000003}}.tar", f"data.val_shards={shards['val'][0]}",
+        f"train.storage_path={tmp_path}/runs", "tracking.wandb=false",
+        "train.steps=500", "train.warmup_steps=50", "train.ckpt_every=500"])
+    assert cfg.model.fourier_octaves == 3
+    res = evaluate_mixture_checkpoint(fit(cfg), steps_list=(16,))
+    err = {e["t"]: e for e in res["velocity_error"]}
+    assert err[0.7]["relative_uncond"] < BOUND_T07 and err[0.9]["relative_uncond"] < BOUND_T09, err
+    assert all(e["relative_cond"] < 0.02 for e in err.values()), err  # the conditional field stays exact
+    assert res["val_log_lik_model"] - res["val_log_lik_true"] > -BOUND_NLL, res
