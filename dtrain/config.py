@@ -280,6 +280,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    return _checked(cfg)
+
+
+def _checked(cfg: DictConfig) -> Config:
+    """A merged config as the typed Config: choices as plain strings, an old stage kind renamed, validated."""
     typed: Config = _plain(OmegaConf.to_object(cfg))  # type: ignore[assignment]
     typed.stage.name = current_stage_kind(typed.stage.name, typed.objective.name)
     validate(typed)
@@ -299,10 +304,7 @@ def from_yaml(text: str) -> Config:
     raw = OmegaConf.create(text)
     raw.pop("serve", None)  # checkpoints before dtrain.serving.config carried serving limits: ignored now
     cfg = _merge(OmegaConf.structured(Config), raw, "checkpoint config")
-    typed: Config = _plain(OmegaConf.to_object(cfg))  # type: ignore[assignment]
-    typed.stage.name = current_stage_kind(typed.stage.name, typed.objective.name)
-    validate(typed)
-    return typed
+    return _checked(cfg)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -339,7 +341,8 @@ def validate(cfg: Config) -> None:
     _check(not (o.name == "mean_flow" and o.jvp in ("forward", "double_backward") and t.zero_stage == 3),
            "objective.jvp", "under ZeRO-3 neither forward-mode AD (its partitioned linear layers have no jvp "
            "rule) nor a double backward (it releases the weights) passes: use finite_difference, or auto")
-    _check(not misfit(cfg.sample.sampler, m.flow_map), "sample.sampler", str(misfit(cfg.sample.sampler, m.flow_map)))
+    unfit = misfit(cfg.sample.sampler, m.flow_map)
+    _check(not unfit, "sample.sampler", str(unfit))
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{t.zero_stage} is not 0, 1, 2 or 3")
     _check(t.precision != "fp16" or cfg.scaling.use_gpu, "train.precision",
            "fp16 needs scaling.use_gpu=true (its loss scaler is a GPU path); use bf16 on CPU")
