@@ -315,8 +315,14 @@ def test_a_flood_is_shed_with_503_and_nothing_admitted_is_lost(served):
     """Room for about 50 requests (2 replicas x 16 in flight, queues of 16): 96 at once get only 200
     (complete) or 503 with Retry-After."""
     body = {"class_label": 4, "steps": 20, "num_images": 4}
+    burst = threading.Barrier(96)  # all 96 sent at once, not as the pool's threads happen to start
+
+    def post(_):
+        burst.wait(timeout=30)
+        return served.post("/v1/generate", json=body)
+
     with ThreadPoolExecutor(96) as pool:
-        answers = list(pool.map(lambda _: served.post("/v1/generate", json=body), range(96)))
+        answers = list(pool.map(post, range(96)))
     codes = [r.status_code for r in answers]
     assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
     assert all(len(r.json()["images"]) == 4 for r in answers if r.status_code == 200)
