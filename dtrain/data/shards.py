@@ -1,6 +1,10 @@
 """WebDataset shards: write (image, class) samples; read them back as batches split by rank.
 
 A sample is `{__key__, png, cls}`: a PNG image (grayscale or RGB) and an integer class label, or
+img2dataset's layout `{__key__, jpg|jpeg|png|webp, txt, json}`: an image (RGBA and palette images
+become RGB), its UTF-8 caption and metadata, usually without `cls`. A sample with a caption but no
+`cls` gets label -1, "no class", which the model embeds as the null label: captioned data trains
+unconditionally for now (the caption and json are not read further). Or
 `{__key__, latent.npy, cls}`: precomputed VAE latents [C, h, w] (written by `dtrain.data.latents`), or
 `{__key__, x.npy, noise.npy, cls, seed}`: a reflow pair, a teacher's sample and the noise it started
 from (written by `dtrain.train.pairs`).
@@ -13,6 +17,10 @@ a resumed run skips whole epochs and whole shards by arithmetic on per-shard sam
 headers, `shard_count`) and drops the first samples of the current shard before they are decoded.
 Shards may live on object storage (s3://, gs://: any URI pyarrow opens; webdataset's own openers
 have none for s3): they are read through pyarrow's filesystems, as Ray Train writes checkpoints.
+A sample without an image (or latents) or without a label (`cls`, or a non-empty `txt`) raises
+`MissingField`; in training it goes to the `on_corrupt` handler as unreadable tar data does: skipped
+with a warning and counted with the corrupt data (`CorruptShards.count`), or fatal with
+data.on_corrupt=fail. Skipped samples still count in the per-shard sample counts that resuming uses.
 """
 from __future__ import annotations
 
@@ -40,6 +48,10 @@ from dtrain import storage
 
 class DataError(DtrainError, ValueError):
     """Shards that cannot feed the requested run."""
+
+
+class MissingField(DataError):
+    """A sample without an image (or latents) or without a label (`cls` or a caption)."""
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -93,7 +105,8 @@ def _remote_stream(url: str, handler):
 
 
 class CorruptShards:
-    """Handler for unreadable tar data: warn, count and go on, or stop the run (on_corrupt=fail).
+    """Handler for unreadable tar data and samples missing a field (`MissingField`): warn, count and
+    go on, or stop the run (on_corrupt=fail).
     With loader_workers > 0 each loader process keeps its own count."""
 
     def __init__(self, fail: bool = False):
@@ -113,6 +126,7 @@ def absolute_urls(urls: str) -> str:
 
 
 PICKLED = {"pickle", "pkl", "pyd", "pth", "pt"}  # extensions whose decoding would run pickle
+IMAGES = ("png", "jpg", "jpeg", "webp")  # image keys, the first present is decoded
 
 
 def _array(data: bytes, key: str) -> torch.Tensor:
@@ -130,13 +144,46 @@ def decode_sample(sample: dict) -> tuple:
         raise DataError(f"sample {sample.get('__key__')} of {sample.get('__url__')} holds {pickled}: dtrain never "
                         "unpickles shard data; write arrays as .npy and images as .png")
     if "noise.npy" in sample:
-        return _array(sample["x.npy"], "x.npy"), int(sample["cls"]), _array(sample["noise.npy"], "noise.npy")
+        return _array(sample["x.npy"], "x.npy"), _label(sample), _array(sample["noise.npy"], "noise.npy")
     if "latent.npy" in sample:  # latents are used as encoded: already scaled, no [-1, 1] mapping
-        return _array(sample["latent.npy"], "latent.npy"), int(sample["cls"])
-    img = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.float32) / 127.5 - 1.0  # [-1, 1]
+        return _array(sample["latent.npy"], "latent.npy"), _label(sample)
+    ext = next((e for e in IMAGES if e in sample), None)
+    if ext is None:
+        raise _missing(sample, f"image ({'/'.join(IMAGES)})")
+    label = _label(sample)
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        if im.mode not in ("L", "RGB"):  # palette via RGBA, so its transparency converts cleanly
+            im = (im.convert("RGBA") if im.mode == "P" else im).convert("L" if im.mode in ("1", "LA") else "RGB")
+        img = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # [-1, 1]
     x = torch.from_numpy(img)
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # [C, H, W]
-    return x, int(sample["cls"])
+    return x, label
+
+
+def _label(sample: dict) -> int:
+    """`cls`, or -1 ("no class", embedded as the null label) for a sample with a caption instead."""
+    if "cls" in sample:
+        return int(sample["cls"])
+    if sample.get("txt", b"").decode("utf-8", errors="replace").strip():
+        return -1
+    raise _missing(sample, "label (cls, or a non-empty caption in txt)")
+
+
+def _missing(sample: dict, what: str) -> MissingField:
+    keys = sorted(k for k in sample if not k.startswith("__"))
+    return MissingField(f"sample {sample.get('__key__')} of {sample.get('__url__')} has no {what}; it has {keys}")
+
+
+def _decoded(samples, handler) -> Iterator[tuple]:
+    """decode_sample over `samples`; a sample missing a field goes to `handler`, which skips it by
+    returning True (False stops, as in webdataset). Other errors, pickled payloads among them, propagate."""
+    for sample in samples:
+        try:
+            yield decode_sample(sample)
+        except MissingField as e:
+            if handler(e):
+                continue
+            break
 
 
 def shard_count(url: str) -> tuple[int, tuple[Exception, ...]]:
@@ -238,7 +285,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
             skip = min(self.skip_rounds, own) * self.batch_size
         todo = _drops(mine, skip, self.counts, self.on_corrupt)
         samples = itertools.chain.from_iterable(self._shard(u, drop) for u, drop in todo)
-        return wds.batched(self.batch_size, partial=False)(map(decode_sample, samples))
+        return wds.batched(self.batch_size, partial=False)(_decoded(samples, self.on_corrupt))
 
     def _shard(self, url: str, drop: int):
         raw = tar_samples(url, handler=self.on_corrupt)
@@ -262,7 +309,8 @@ def _drops(urls: list[str], skip: int, counts, on_corrupt):
 def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch_size: int,
                   shuffle_buffer: int, on_corrupt: CorruptShards | None = None, skip_rounds: int = 0,
                   counts: dict | None = None) -> EpochDataset:
-    """One epoch of this rank's batches. Corrupt tar data goes to `on_corrupt` (default: skip and warn)."""
+    """One epoch of this rank's batches. Corrupt tar data and samples missing a field go to `on_corrupt`
+    (default: skip and warn)."""
     shards = expand_urls(urls)
     if len(shards) < world:
         raise DataError(f"{len(shards)} shard(s) for {world} workers: every worker needs one; write more shards")
@@ -324,7 +372,8 @@ def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, 
 
 
 def load_images(urls: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (or the first `limit`) samples of some shards, in order: for evaluation and tests."""
+    """All (or the first `limit`) samples of some shards, in order: for evaluation and tests. A sample
+    missing a field raises `MissingField`: nothing is skipped."""
     xs, ys = [], []
     for sample in itertools.chain.from_iterable(map(tar_samples, expand_urls(urls))):
         x, y, *_ = decode_sample(sample)

@@ -47,8 +47,9 @@ def span_condition(module: nn.Module, t: torch.Tensor, s: torch.Tensor | None) -
 
 
 class LabelEmbedder(nn.Module):
-    """Class labels -> vectors. Index num_classes is the null label; in training each label is
-    replaced by it with probability `dropout`, which is what classifier-free guidance needs."""
+    """Class labels -> vectors. Index num_classes is the null label, and so is any negative label; in
+    training each label is replaced by it with probability `dropout`, which is what classifier-free
+    guidance needs."""
 
     def __init__(self, num_classes: int, hidden: int, dropout: float):
         super().__init__()
@@ -56,6 +57,8 @@ class LabelEmbedder(nn.Module):
         self.table = nn.Embedding(num_classes + 1, hidden)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        # a negative label (-1: a captioned sample without a class) means "no class": the null label
+        labels = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
         if self.training and self.dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
