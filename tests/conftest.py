@@ -96,6 +96,15 @@ def digits_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def shapes_recogniser():
+    """The shapes world's recogniser at 32 pixels, from the user's cache (trained there once, ~90 s on
+    one thread, when the code that decides its weights changed)."""
+    from dtrain.eval.recogniser import shapes_recogniser
+
+    return shapes_recogniser(32)
+
+
 def tiny_overrides(digits_dir, tmp_path) -> list[str]:
     """Overrides for a DiT small enough to train in seconds on 8x8 digits."""
     return [

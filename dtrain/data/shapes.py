@@ -245,7 +245,7 @@ def _place(cells: list[int]) -> str | None:
     return None
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -254,7 +254,7 @@ def caption(scene: Scene) -> str:
     phrases = []
     for g in groups(scene.things):
         colour, shape, n = g[0].colour, g[0].shape, len(g)
-        words = f"{_article(colour)} {colour} {shape}" if n == 1 else f"{COUNTS[n]} {colour} {PLURALS[shape]}"
+        words = f"{article(colour)} {colour} {shape}" if n == 1 else f"{COUNTS[n]} {colour} {PLURALS[shape]}"
         place = _place([t.cell for t in g])
         phrases.append(f"{words} {place}" if place else words)
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]

@@ -13,6 +13,7 @@ different feature nets are never mistaken for each other.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -261,10 +262,17 @@ def inception_features(image_size: int | None = None) -> InceptionFeatures:
     return InceptionFeatures(weights)
 
 
+def _shapes_recogniser(image_size: int) -> FeatureNet:
+    """The shapes world's recogniser (dtrain.eval.recogniser, which imports this module: imported here
+    on first use, by name, so the two modules form no import cycle)."""
+    return importlib.import_module("dtrain.eval.recogniser").shapes_recogniser(image_size)
+
+
 # name -> factory(image_size) -> FeatureNet. New feature nets add an entry here.
 FEATURE_NETS: dict[str, Callable[[int], FeatureNet]] = {
     "digits": lambda image_size: digits_classifier(image_size),
     "inception": inception_features,
+    "shapes": _shapes_recogniser,
 }
 
 
