@@ -77,3 +77,20 @@ def test_a_kind_registered_in_a_test_file_trains_through_the_pipeline(ray_cluste
     assert meta["stage"] == "one_class" and meta["only_class"] == ONLY and meta["step"] == 4
     assert torch.isfinite(torch.tensor(json.loads((tmp_path / "runs" / "toy.pipeline.json").read_text())
                                        ["stages"]["one_class"]["seconds"]))
+
+
+def test_a_rerun_with_a_changed_model_is_refused_before_any_worker_starts(tmp_path, tiny_checkpoint):
+    """The same run_name resumes its newest checkpoint: another model cannot load it, so fit says which
+    fields changed instead of every worker failing in load_state_dict."""
+    from dtrain.config import ConfigError, load_config
+    from dtrain.train.driver import check_resumable
+    from tests.conftest import write_tiny_checkpoint
+
+    val = str(tiny_checkpoint.parent.parent / "digits" / "val-000000.tar")
+    write_tiny_checkpoint(tmp_path / "runs" / "tiny" / "checkpoint_000010", val)
+    same = ["model.size=tiny", "model.image_size=8", "model.patch_size=2", "train.run_name=tiny",
+            f"train.storage_path={tmp_path}/runs"]
+    check_resumable(load_config(None, same))  # the same model resumes
+    with pytest.raises(ConfigError, match=r"model.depth 0 -> 3.*new train.run_name"):
+        check_resumable(load_config(None, same + ["model.depth=3"]))
+    check_resumable(load_config(None, same + ["model.depth=3", "train.run_name=other"]))  # a new run starts afresh

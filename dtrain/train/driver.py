@@ -14,8 +14,8 @@ from pathlib import Path
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from dtrain.checkpoint import read_meta
-from dtrain.config import Config, to_yaml
+from dtrain.checkpoint import CheckpointError, read_config, read_meta, resolve
+from dtrain.config import Config, ConfigError, to_dict, to_yaml
 from dtrain.data.latents import latents_meta
 from dtrain.data.shards import absolute_urls, expand_urls
 from dtrain.runtime import ensure_ray
@@ -97,6 +97,24 @@ class LocalTorchTrainer(TorchTrainer):
         return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
+def check_resumable(cfg: Config) -> None:
+    """A rerun of a run_name resumes its newest checkpoint, which needs the same model: a changed model
+    section is refused here, naming what changed, instead of failing to load in every worker."""
+    out = run_dir(cfg)
+    if is_uri(cfg.train.storage_path) or not out.is_dir():
+        return
+    try:
+        saved = to_dict(read_config(resolve(out)).model)
+    except CheckpointError:
+        return  # nothing complete to resume: the run starts afresh
+    asked = to_dict(cfg.model)
+    changed = [f"model.{k} {saved.get(k)!r} -> {asked.get(k)!r}" for k in sorted(set(saved) | set(asked))
+               if saved.get(k) != asked.get(k)]
+    if changed:
+        raise ConfigError(f"run {cfg.train.run_name!r} in {out} resumes from a checkpoint of another model "
+                          f"({'; '.join(changed)}): give this model a new train.run_name, or remove {out}")
+
+
 def fit(cfg: Config) -> Path | str:
     """Train (or resume: the same run_name continues from its latest checkpoint); returns the final
     checkpoint directory (its URI where train.storage_path is one). Raises Interrupted when a signal
@@ -115,6 +133,7 @@ def fit(cfg: Config) -> Path | str:
         latents = latents_meta(cfg.data.train_shards)
     if not s.address and not s.use_gpu:
         prebuild_cpu_ops()  # the workers of this machine then load it instead of compiling it at once
+    check_resumable(cfg)
     out = run_dir(cfg)
     clear_stop(out)  # a request left by an earlier run is not this run's
     ensure_ray(s.address, s.num_workers * s.cpus_per_worker)
