@@ -193,6 +193,31 @@ def pipeline(pipeline_file, overrides, no_eval):
 
 
 @main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Data-parallel ranks (default: the config's scaling.num_workers).")
+@click.option("--device", "device_name", default=None,
+              help="Check the memory against a named GPU: a100-40gb, a100-80gb, h100-80gb, h200.")
+@click.option("--device-memory", type=float, default=None, help="Check the memory against this many GiB per rank.")
+@click.option("--json", "as_json", is_flag=True)
+def plan(config, overrides, workers, device_name, device_memory, as_json):
+    """A dry run of CONFIG (a training config, or a pipeline file: each stage) with key=value OVERRIDES:
+    the model's parameters, tokens and FLOPs, the batch, the DeepSpeed config and the memory of one rank
+    (model states, EMA, activations with and without checkpointing). Nothing trains; no GPU or Ray needed.
+    With --device or --device-memory, a run that does not fit is refused (exit 2) with what would fit."""
+    import json
+
+    from dtrain.plan import PlanError, device_gib, plan as make_plan, refusal, render
+
+    report = make_plan(config, overrides, workers, device_gib(device_name, device_memory))
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    reason = refusal(report)
+    if reason:
+        raise PlanError(reason)
+
+
+@main.command()
 @click.argument("teacher", type=CHECKPOINT)
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory (or s3://, gs:// URI) for the pair shards.")

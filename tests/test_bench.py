@@ -53,11 +53,19 @@ def test_torch_ddp_baseline_runs_on_digits_shards(digits_dir):
 
 
 @pytest.mark.slow
-def test_zero3_holds_half_the_parameter_bytes_of_zero0(ray_cluster):
-    from dtrain.bench.zero import run
+def test_zero3_holds_half_the_parameter_bytes_of_zero0_and_plan_predicts_each_stage(ray_cluster):
+    """One run of `dtrain bench zero` (CPU, 2 ranks, bf16, mid-accumulation) checks the ZeRO partitioning
+    and `dtrain plan`'s model-state figures. The ZeRO paper's figure is what the bench should find, within
+    5% (a tiny model's flat buffers are padded to alignment). DeepSpeed's estimator, the figure plan checks
+    a device with, must not be below it: it adds the fp32 gradient partition DeepSpeed fills at the step
+    boundary (4/N bytes a parameter) and under ZeRO-3 the largest layer gathered (4 bytes a parameter of it)."""
+    from dtrain.bench.zero import DEFAULTS, run
+    from dtrain.config import load_config
+    from dtrain.plan import model_facts, model_state_bytes
 
-    rows, summary = run(stages=(0, 3), num_workers=2, overrides=["model.size=tiny", "model.image_size=8", "data.batch_size=4"])
-    zero0, zero3 = rows
+    tiny = ["model.size=tiny", "model.image_size=8", "data.batch_size=4"]
+    rows, summary = run(stages=(0, 2, 3), num_workers=2, overrides=tiny)
+    zero0, _, zero3 = rows
     assert (zero0["stage"], zero3["stage"]) == (0, 3)
     assert zero0["params_B"] == pytest.approx(2.0, rel=0.01)  # bf16 weights, all of them on every rank
     assert zero3["params_B"] / zero0["params_B"] == pytest.approx(0.5, rel=0.05)
@@ -65,6 +73,13 @@ def test_zero3_holds_half_the_parameter_bytes_of_zero0(ray_cluster):
     assert zero3["optimizer_B"] == pytest.approx(6.0, rel=0.05)
     assert zero3["buffers_B"] > 0  # the reduce bucket, found and kept out of the model-state total
     assert summary["params"] > 0 and zero3["peak_rss_mb"] > 0
+    for row in rows[1:]:
+        cfg = load_config(None, [*DEFAULTS, "train.precision=bf16", *tiny, f"train.zero_stage={row['stage']}"])
+        facts = model_facts(cfg.model)
+        assert facts.params == summary["params"]
+        states = model_state_bytes(facts.params, facts.largest_layer, row["stage"], 2, "bf16")
+        assert states["paper"] / facts.params == pytest.approx(row["total_B"], rel=0.05)
+        assert row["total_B"] <= states["deepspeed"] / facts.params <= row["total_B"] * 1.25
 
 
 def test_serve_bench_summaries():

@@ -13,6 +13,8 @@ is carried by a short recurrence, one step per chunk. Work is O(L T (N + P)) per
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,8 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tenso
         return mamba_chunk_scan_combined(x, dt, A, Bm, Cm, chunk_size=chunk)
     out_dtype = x.dtype
     dtype = torch.promote_types(x.dtype, torch.float32)
-    with torch.autocast(x.device.type, enabled=False):
+    # the meta device (shape-only passes: FLOP counts, `dtrain plan`) has no autocast to turn off
+    with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():
         x, dt, A, Bm, Cm = (v.to(dtype) for v in (x, dt, A, Bm, Cm))
         b, L, H, P = x.shape
         G, N = Bm.shape[2:]
