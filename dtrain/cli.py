@@ -594,6 +594,24 @@ def bench_watermark(checkpoints, as_json, n, invert_steps, no_quality):
     click.echo(emit(rows, as_json, summary))
 
 
+@bench.command("gpu")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--budget-s", default=480.0, show_default=True, help="Seconds for all checks; one that would not fit is skipped.")
+@click.option("--tiny", is_flag=True, help="Tiny models on a GPU too (on a CPU they always are).")
+@click.option("--with-serve", is_flag=True, help="Run the Serve check on a CPU too (on a GPU it runs when the budget allows).")
+@click.option("--require-gpu", is_flag=True, help="Fail unless a CUDA device is present.")
+def bench_gpu(as_json, budget_s, tiny, with_serve, require_gpu):
+    """The GPU checks of a lent machine in one command: step time and MFU of DiT-XL/2 and the SSM-hybrid,
+    SDPA backend, torch.compile, fused Adam, ZeRO-2/3, sampler latency per NFE, a Serve replica."""
+    import json
+
+    from dtrain.bench.gpu import render, run
+
+    report = run(budget_s=budget_s, tiny=tiny, with_serve=with_serve, require_gpu=require_gpu,
+                 log=lambda line: click.echo(line, err=True))
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
+
+
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--checkpoint", required=True, type=CHECKPOINT, help="The model whose ODE is inverted.")
