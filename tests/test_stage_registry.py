@@ -94,3 +94,15 @@ def test_a_rerun_with_a_changed_model_is_refused_before_any_worker_starts(tmp_pa
     with pytest.raises(ConfigError, match=r"model.depth 0 -> 3.*new train.run_name"):
         check_resumable(load_config(None, same + ["model.depth=3"]))
     check_resumable(load_config(None, same + ["model.depth=3", "train.run_name=other"]))  # a new run starts afresh
+
+
+def test_a_local_gpu_run_on_a_machine_without_cuda_is_refused_at_once():
+    """Ray would otherwise wait for GPUs that never come; a cluster address defers to the workers' nodes."""
+    from dtrain.train.driver import check_devices
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(ConfigError, match="scaling.use_gpu=true, but this machine has no CUDA device"):
+        check_devices(load_config(None, ["scaling.use_gpu=true"]))
+    check_devices(load_config(None, ["scaling.use_gpu=true", "scaling.address=ray://head:10001"]))
+    check_devices(load_config(None, []))

@@ -115,6 +115,16 @@ def check_resumable(cfg: Config) -> None:
                           f"({'; '.join(changed)}): give this model a new train.run_name, or remove {out}")
 
 
+def check_devices(cfg: Config) -> None:
+    """A local run with scaling.use_gpu=true needs a CUDA device here; without one Ray would wait for
+    GPUs that never come. On a cluster (scaling.address) the workers' nodes have them, not the driver."""
+    import torch
+
+    if cfg.scaling.use_gpu and not cfg.scaling.address and not torch.cuda.is_available():
+        raise ConfigError(f"scaling.use_gpu=true, but this machine has no CUDA device (torch {torch.__version__}): "
+                          "train here with scaling.use_gpu=false, or join a GPU cluster with scaling.address")
+
+
 def fit(cfg: Config) -> Path | str:
     """Train (or resume: the same run_name continues from its latest checkpoint); returns the final
     checkpoint directory (its URI where train.storage_path is one). Raises Interrupted when a signal
@@ -122,6 +132,7 @@ def fit(cfg: Config) -> Path | str:
     s = cfg.scaling
     kind = stage_kind(cfg)
     kind.check(cfg)  # config errors here, not in a worker
+    check_devices(cfg)
     deepspeed_config(cfg, s.num_workers)
     cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute_urls(cfg.data.train_shards),
                                     val_shards=absolute_urls(cfg.data.val_shards)))
