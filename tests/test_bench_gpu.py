@@ -73,3 +73,11 @@ def test_peak_is_computed_from_the_device_figures():
     assert h100["peak_tflops"] == pytest.approx(989, rel=0.01) and h100["bf16_flops_per_sm_per_clock"] == 4096
     assert "no dense bf16 rate" in peak_bf16(80, 1530, (7, 0))["skipped"]
     assert "clock" in peak_bf16(132, None, (9, 0))["skipped"]
+
+
+def test_the_zero_check_leaves_torch_as_it_found_it(report):
+    """ZeRO-3 patches torch.nn.functional.linear process-wide; a bench run inside a test session (or any
+    caller) must not leave it patched: forward-mode AD (MeanFlow's JVP) and bitwise comparisons depend on it."""
+    import torch.nn.functional as F
+
+    assert "zero" in report["checks"] and F.linear is torch._C._nn.linear

@@ -381,6 +381,9 @@ def check_zero(tiny: bool, device: str, batch: int, steps: int) -> dict:
     precision, dtype = _precision(device)
     made = _init_single_process_group(device)
     out: dict = {"backend": dist.get_backend(), "precision": precision, "batch": batch, "world_size": 1}
+    # ZeRO-3 swaps torch.nn.functional.linear for its own autograd Function for the whole process ("this
+    # will persist unless manually reset"): put it back, so the later checks and the caller run plain torch
+    linear = torch.nn.functional.linear
     try:
         for stage in (2, 3):
             cfg = model_config("dit", tiny, batch)
@@ -405,6 +408,7 @@ def check_zero(tiny: bool, device: str, batch: int, steps: int) -> dict:
             if device == "cuda":
                 torch.cuda.empty_cache()
     finally:
+        torch.nn.functional.linear = linear
         if made:
             dist.destroy_process_group()
     return out
