@@ -12,6 +12,7 @@ different feature nets are never mistaken for each other.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -125,14 +126,25 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
 
 
-def train_classifier(x: torch.Tensor, y: torch.Tensor, spec: TrainSpec) -> DigitsCNN:
-    """AdamW on cross-entropy, one thread, deterministic algorithms, seeded init and batch order:
-    the same inputs give bit-identical weights. The caller's RNG state, thread count and
-    determinism setting are restored afterwards."""
+@contextlib.contextmanager
+def deterministic_cpu():
+    """One thread and deterministic algorithms for a training run whose weights must be bit-identical
+    for the same inputs (the cached feature nets); the caller's settings are restored afterwards."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, spec: TrainSpec) -> DigitsCNN:
+    """AdamW on cross-entropy, one thread, deterministic algorithms, seeded init and batch order:
+    the same inputs give bit-identical weights. The caller's RNG state, thread count and
+    determinism setting are restored afterwards."""
+    with deterministic_cpu():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             net = DigitsCNN(spec.width, spec.feature_dim)
@@ -148,14 +160,11 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, spec: TrainSpec) -> Digit
                     loss.backward()
                     opt.step()
                     sched.step()
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
     return net.eval()
 
 
 # the code that decides the weights, read once at import (part of the cache key)
-_CODE = "".join(inspect.getsource(obj) for obj in (DigitsCNN, train_classifier)).encode()
+_CODE = "".join(inspect.getsource(obj) for obj in (DigitsCNN, deterministic_cpu, train_classifier)).encode()
 
 
 class DigitsClassifier:

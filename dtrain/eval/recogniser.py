@@ -44,7 +44,7 @@ from torch import nn
 
 from dtrain.data import shapes as world
 from dtrain.data.shapes import COLOUR_NAMES, COLOURS, GRID, SHAPES, Scene, Seen, render, sample_scene, split_scene
-from dtrain.eval.features import cache_dir
+from dtrain.eval.features import cache_dir, deterministic_cpu
 
 CELLS = GRID * GRID
 TRAIN_STREAM = 7  # np.random.default_rng([seed, TRAIN_STREAM, i]): the training scenes
@@ -217,10 +217,7 @@ def train_recogniser(image_size: int, spec: RecogniserSpec) -> ShapesCNN:
     batch order: the same inputs give bit-identical weights. Each epoch degrades the images with a
     fresh seed and keeps a `clean` fraction of them clean. The caller's RNG state, thread count and
     determinism setting are restored afterwards."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_cpu():
         scenes, x = scenes_and_images(image_size, spec.scenes, spec.seed, TRAIN_STREAM, spec.many, spec.heldout)
         what, colour = labels(scenes)
         with torch.random.fork_rng(devices=[]):
@@ -241,15 +238,12 @@ def train_recogniser(image_size: int, spec: RecogniserSpec) -> ShapesCNN:
                     loss.backward()
                     opt.step()
                     sched.step()
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
     return net.eval()
 
 
 # the code that decides the weights (part of the cache key), and the renderer's
-_CODE = "".join(inspect.getsource(obj) for obj in (degrade, to_tensor, scene_of, scenes_and_images, labels, ShapesCNN,
-                                                     make_net, loss_of, train_recogniser)).encode()
+_CODE = "".join(inspect.getsource(obj) for obj in (deterministic_cpu, degrade, to_tensor, scene_of, scenes_and_images,
+                                                     labels, ShapesCNN, make_net, loss_of, train_recogniser)).encode()
 _WORLD = "".join(inspect.getsource(getattr(world, name)) for name in (
     "sample_scene", "split_scene", "render", "_filled", "_held_out", "groups", "_background", "_polygon")
     if callable(getattr(world, name, None))).encode()
