@@ -5,6 +5,7 @@ A checkpoint directory holds
     config.yaml         resolved Config as YAML (never a pickle)
     model.safetensors   EMA weights, consolidated (what sampling and serving load)
     meta.json           step, stage, parent checkpoint, what the weights are
+    tokenizer.json      a text model's tokenizer (Hugging Face `tokenizers` JSON), how prompts become ids
     deepspeed/          each rank's ZeRO shard + optimizer and scheduler state (for resume only)
     stage.safetensors   a stage's own networks, where it has any (a consistency target; resume only)
     deepspeed_universal/  made only when the run resumes at another worker count: the same state
@@ -32,7 +33,8 @@ INFERENCE_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE)  # what sampling and se
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 STAGE_STATE_FILE = "stage.safetensors"  # a stage's own networks (a consistency target), for exact resume
 UNIVERSAL_DIR, DEEPSPEED_TAG = "deepspeed_universal", "state"  # DeepSpeed's per-save subdirectory name
-EXPORT_CONFIG_KEY, EXPORT_META_KEY = "dtrain.config", "dtrain.meta"
+EXPORT_CONFIG_KEY, EXPORT_META_KEY, EXPORT_TOKENIZER_KEY = "dtrain.config", "dtrain.meta", "dtrain.tokenizer"
+TOKENIZER_FILE = "tokenizer.json"  # a text model's only: fetched and exported with the inference files
 
 
 class CheckpointError(DtrainError, ValueError):
@@ -50,12 +52,16 @@ def write_stage_state(directory: str | Path, tensors: dict[str, torch.Tensor]) -
     save_file(tensors, str(Path(directory) / STAGE_STATE_FILE))
 
 
-def write_inference_files(directory: str | Path, weights: dict[str, torch.Tensor], cfg: Config, meta: dict) -> None:
+def write_inference_files(directory: str | Path, weights: dict[str, torch.Tensor], cfg: Config, meta: dict,
+                          tokenizer: str | None = None) -> None:
+    """Weights, config, a text model's tokenizer (its JSON) and, last, the meta that completes them."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic_write(d / CONFIG_FILE, lambda p: p.write_text(to_yaml(cfg)))
+    if tokenizer is not None:
+        _atomic_write(d / TOKENIZER_FILE, lambda p: p.write_text(tokenizer))
     _atomic_write(d / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))  # written last
 
 
@@ -117,6 +123,18 @@ def read_meta(ckpt: str | Path) -> dict:
     return json.loads(_exported_metadata(p)[EXPORT_META_KEY] if p.is_file() else (p / META_FILE).read_text())
 
 
+def read_tokenizer(ckpt: str | Path) -> str | None:
+    """A text model's tokenizer JSON, or None for a checkpoint without one (a class model). A text model's
+    checkpoint without it cannot encode prompts: CheckpointError."""
+    p = resolve(ckpt)
+    text = _exported_metadata(p).get(EXPORT_TOKENIZER_KEY) if p.is_file() else \
+        ((p / TOKENIZER_FILE).read_text() if (p / TOKENIZER_FILE).is_file() else None)
+    m = read_config(p).model
+    if text is None and m.conditioning == "text" and not m.text_encoder:  # a frozen encoder has its own
+        raise CheckpointError(f"{p} is a text model's checkpoint without its {TOKENIZER_FILE}: it cannot encode prompts")
+    return text
+
+
 def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     p = Path(ckpt)
     path = p if p.is_file() else p / WEIGHTS_FILE
@@ -133,6 +151,9 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", EXPORT_CONFIG_KEY: to_yaml(read_config(d)),
                 EXPORT_META_KEY: json.dumps({**read_meta(d), "exported_from": str(d)})}
+    tokenizer = read_tokenizer(d)
+    if tokenizer is not None:
+        metadata[EXPORT_TOKENIZER_KEY] = tokenizer
     _atomic_write(out, lambda p: save_file(read_weights(d), str(p), metadata=metadata))
     return out
 
@@ -204,4 +225,6 @@ def fetch_checkpoint(uri: str) -> Path:
     missing = [name for f, name in files.items() if fs.get_file_info(f).type.name == "NotFound"]
     if missing:
         raise CheckpointError(f"{uri} lacks {missing}: not a dtrain checkpoint")
+    if fs.get_file_info(f"{path}/{TOKENIZER_FILE}").type.name != "NotFound":
+        files[f"{path}/{TOKENIZER_FILE}"] = TOKENIZER_FILE
     return storage.download_once(fs, files, uri)

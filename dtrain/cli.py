@@ -149,6 +149,21 @@ def data_encode(shards, vae_dir, out, batch_size, scale, address):
     click.echo(f"wrote {len(paths)} latent shards ({info['count']} samples, shape {info['shape']}) to {out}")
 
 
+@data.command("embed")
+@click.argument("shards")
+@click.option("--encoder", required=True, help="Frozen transformers text encoder: a local directory (CLIP or T5 text "
+              "tower with its tokenizer) or a hub id; the same as the model's model.text_encoder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the embedded shards.")
+@click.option("--max-tokens", default=24, show_default=True, help="Caption length in tokens: the model's model.max_tokens.")
+def data_embed(shards, encoder, out, max_tokens):
+    """Precompute a frozen text encoder's caption embeddings into captioned SHARDS (each sample keeps its
+    fields and gains emb.npy), so training a text model over that encoder skips running it."""
+    from dtrain.data.text_encoders import embed_shards
+
+    paths = embed_shards(shards, encoder, out, max_tokens)
+    click.echo(f"wrote {len(paths)} shards with caption embeddings of {encoder} ({max_tokens} tokens) to {out}")
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
@@ -228,7 +243,7 @@ def plan(config, overrides, workers, device_name, device_memory, as_json):
 @click.option("--guidance", default=1.0, show_default=True, help="Teacher CFG scale (1 = off).")
 @click.option("--address", default=None, help="Ray cluster address (default: a local cluster).")
 def pairs(teacher, out, count, per_shard, steps, sampler, guidance, address):
-    """Reflow pairs (noise, label, sample) from TEACHER's ODE as shards in OUT, one Ray task per shard;
+    """Reflow pairs (noise, label or caption, sample) from TEACHER's ODE as shards in OUT, one Ray task per shard;
     rerun to finish an interrupted job. Train on them with stage.name=reflow data.train_shards=..."""
     from dtrain.runtime import ensure_ray
     from dtrain.train.pairs import generate_pairs, shard_urls
@@ -304,6 +319,8 @@ def score(shards, world_dir, limit, as_json):
 @click.argument("checkpoint", type=CHECKPOINT)
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--classes", default=None, help="Comma-separated class labels (default: all).")
+@click.option("--prompt", "prompts", multiple=True, help="Text model: a prompt, one row of the grid (repeatable).")
+@click.option("--negative-prompt", default="", help="Text model: what guidance steers away from (default: the empty prompt).")
 @click.option("--per-class", default=None, type=int, help="Samples per class (default: sample.per_class).")
 @click.option("--steps", default=None, type=int, help="Solver steps (default: sample.steps).")
 @click.option("--sampler", default=None, type=click.Choice(SAMPLER_NAMES), help="ODE solver (default: sample.sampler).")
@@ -311,31 +328,50 @@ def score(shards, world_dir, limit, as_json):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32", "fp16"]),
               help="Network precision; auto = bf16 only where this CPU runs it natively.")
-def sample(checkpoint, out, classes, per_class, steps, sampler, guidance, seed, precision):
-    """Write a grid of class-conditional samples (a row per class) from CHECKPOINT (or a run dir).
-    A checkpoint trained on VAE latents is decoded through its VAE."""
+def sample(checkpoint, out, classes, prompts, negative_prompt, per_class, steps, sampler, guidance, seed, precision):
+    """Write a grid of samples from CHECKPOINT (or a run dir): a row per class, or for a text model a row
+    per --prompt with the prompt written beside it. A checkpoint trained on VAE latents is decoded
+    through its VAE."""
     import torch
+    from PIL import Image
 
-    from dtrain.checkpoint import load_model, read_meta
+    from dtrain.checkpoint import load_model, read_meta, read_tokenizer
     from dtrain.diffusion.samplers import nfe
-    from dtrain.generation import render
-    from dtrain.images import save_grid
+    from dtrain.generation import conditions, render
+    from dtrain.images import captioned_grid, save_grid, to_uint8
     from dtrain.precision import choose
 
     net, cfg = load_model(checkpoint)
     m, s = cfg.model, cfg.sample
-    labels = list(range(m.num_classes)) if classes is None else [int(c) for c in classes.split(",")]
-    bad = [c for c in labels if not 0 <= c < m.num_classes]
-    if bad:
-        raise UserError(f"--classes: {bad} outside 0..{m.num_classes - 1}")
     per_class, steps, sampler = per_class or s.per_class, steps or s.steps, sampler or s.sampler
     guidance = s.guidance if guidance is None else guidance
     choice = choose(precision, "cpu")
-    cond = torch.tensor(labels).repeat_interleave(per_class)
+    negative = None
+    if m.conditioning == "text":
+        if classes is not None or not prompts:
+            raise UserError("this is a text model: give --prompt (repeatable), not --classes")
+        rows = list(prompts)
+        tokenizer = read_tokenizer(checkpoint)
+        cond = conditions(cfg, tokenizer, [p for p in rows for _ in range(per_class)])
+        negative = conditions(cfg, tokenizer, [negative_prompt] * len(cond)) if negative_prompt else None
+    else:
+        if prompts:
+            raise UserError("--prompt needs a text model (model.conditioning=text); this one takes --classes")
+        rows = list(range(m.num_classes)) if classes is None else [int(c) for c in classes.split(",")]
+        bad = [c for c in rows if not 0 <= c < m.num_classes]
+        if bad:
+            raise UserError(f"--classes: {bad} outside 0..{m.num_classes - 1}")
+        cond = torch.tensor(rows).repeat_interleave(per_class)
     x = render(net, cfg, read_meta(checkpoint), cond, [seed + i for i in range(len(cond))], steps, guidance,
-               choice.precision, sampler)
+               choice.precision, sampler, negative=negative)
     factor = 4 if x.shape[-1] < 64 else 1  # upscale only tiny images (8-16 px digits) so they are visible
-    click.echo(f"wrote {save_grid(x, out, ncol=per_class, factor=factor)} ({len(labels)} classes x {per_class}, "
+    if m.conditioning == "text":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(captioned_grid(to_uint8(x), rows, per_class, factor)).save(out)
+        written = out
+    else:
+        written = save_grid(x, out, ncol=per_class, factor=factor)
+    click.echo(f"wrote {written} ({len(rows)} {'prompts' if m.conditioning == 'text' else 'classes'} x {per_class}, "
                f"{sampler} {steps} steps, {nfe(sampler, steps, guidance)} network evaluations per image, "
                f"{choice.precision}: {choice.reason})")
 
@@ -357,6 +393,8 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
               help="Comma-separated step counts (Euler/DDIM NFE = steps, Heun 2 steps - 1; doubled with guidance).")
 @click.option("--samplers", default="euler", show_default=True, help=f"Comma-separated samplers: {', '.join(SAMPLER_NAMES)}.")
 @click.option("--samples-per-class", default=None, type=int, help="Default: as many as the noise-floor half of the real set.")
+@click.option("--prompts", default=400, show_default=True, type=int,
+              help="Shapes world, text model: evaluation prompts (plus a quarter as many held-out ones).")
 @click.option("--val-shards", default=None, help="Reference shards (default: data.val_shards of the checkpoint's config).")
 @click.option("--guidance", default=None, type=float, help="CFG scale (default: sample.guidance).")
 @click.option("--seed", default=0, show_default=True)
@@ -368,15 +406,16 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 @click.option("--audit", is_flag=True, help="Bias audit: null-label samples' classes against the training distribution.")
 @click.option("--address", default=None, help="Ray cluster to sample on (default: a local one).")
 @click.option("--in-process", is_flag=True, help="Sample in this process instead of as Ray tasks (same figures).")
-def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, val_shards, guidance, seed, feature_net, as_json, plot,
-             audit, address, in_process):
+def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, prompts, val_shards, guidance, seed, feature_net,
+             as_json, plot, audit, address, in_process):
     """Sample quality of CHECKPOINT (or a run dir) against NFE. Digits: Frechet distance in a digits
     classifier's feature space with a noise floor, class accuracy of conditional samples against real
     digits, and trajectory straightness. Gaussian-mixture data (`dtrain data gmm`): exact component
     shares, likelihood and velocity error against the analytic field. Shapes world (`dtrain data
     shapes`): attribute, count and binding accuracy read back by the world's recogniser, FD in its
-    features with a noise floor and a bootstrap interval (first sampler only). Fixed seeds and sample
-    counts, so reruns give the same figures."""
+    features with a noise floor and a bootstrap interval; a class model asked for every class, a text
+    model for fixed evaluation prompts and, apart, held-out compositions (per number of objects too).
+    Fixed seeds and sample counts, so reruns give the same figures."""
     import json
 
     from dtrain.checkpoint import read_config
@@ -407,8 +446,8 @@ def eval_cmd(checkpoint, steps_list, samplers, samples_per_class, val_shards, gu
         if shapes_world(val_shards or read_config(checkpoint).data.val_shards):  # read back by the recogniser
             result = evaluate_shapes_checkpoint(checkpoint, steps, samples_per_class=samples_per_class or 10,
                                                 seed=seed, guidance=guidance, val_shards=val_shards,
-                                                sampler=sampler_list[0], use_ray=not in_process,
-                                                log=None if as_json else click.echo)
+                                                samplers=sampler_list, use_ray=not in_process,
+                                                log=None if as_json else click.echo, n_prompts=prompts)
             click.echo(json.dumps(result, indent=2) if as_json else shapes_table(result))
             return
         if mixture_spec(val_shards or read_config(checkpoint).data.val_shards):  # exact metrics on a mixture

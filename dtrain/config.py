@@ -28,6 +28,7 @@ def _choices(name: str, values) -> type[Enum]:
 
 
 Arch = _choices("Arch", BACKBONES)
+Conditioning = _choices("Conditioning", ("class", "text"))
 Objective = _choices("Objective", OBJECTIVES)
 TimeSampling = _choices("TimeSampling", ("uniform", "logit_normal"))
 Prediction = _choices("Prediction", ("eps", "v", "x0"))
@@ -51,8 +52,22 @@ class ModelConfig:
     image_size: int = 16  # side of the (square) input in pixels or latent cells
     in_channels: int = 1  # 1 for grayscale digits, 4 for SD-VAE latents
     patch_size: int = 2  # side of a patch token
+    # class: labels 0..num_classes-1 | text: captions (the shards' txt) as token ids through a text encoder that the
+    # blocks cross-attend to, its pooled vector in adaLN (dit, ssm); the empty caption is the null condition
+    conditioning: Conditioning = "class"
     num_classes: int = 10  # class labels; index num_classes is the "null" label for CFG
-    class_dropout: float = 0.1  # probability of dropping the label in training (enables CFG)
+    class_dropout: float = 0.1  # probability of dropping the label (or caption) in training (enables CFG)
+    # text only: the tokenizer.json captions are encoded with; "" = train one on data.train_shards' captions (the
+    # driver does, keeps it in the run directory and every checkpoint; a stage with a parent takes its parent's)
+    tokenizer: str = ""
+    vocab_size: int = 512  # text only: token table of the encoder; the tokenizer trained here has at most this many
+    max_tokens: int = 24  # text only: caption length in tokens (longer ones are cut, shorter ones padded)
+    text_depth: int = 2  # text only: transformer blocks of the caption encoder, trained from scratch with the model
+    # text only: "" = token ids through an encoder trained from scratch; else a frozen transformers text encoder (CLIP or
+    # T5 text tower) by local directory or hub id, with its own tokenizer; its embeddings may be precomputed into the
+    # shards (`dtrain data embed`). text_depth blocks of ours still adapt them.
+    text_encoder: str = ""
+    text_embed_dim: int = 0  # text_encoder's width; 0 = read from its config (the driver does)
     hidden_size: int = 0  # 0 = take from the named size
     depth: int = 0  # 0 = take from the named size
     num_heads: int = 0  # 0 = take from the named size
@@ -198,6 +213,7 @@ class PipelineEvalSpec:
     samples_per_class: int = 0  # 0 = as many as the noise-floor half of the validation set holds
     guidance: float = -1.0  # CFG scale; -1 = each stage's sample.guidance
     audit: bool = True  # digits: the bias audit (null-label samples' classes against the training labels) per stage
+    n_prompts: int = 0  # shapes world, text models: evaluation prompts (plus a quarter as many held-out); 0 = 400
 
 
 @dataclass
@@ -331,6 +347,12 @@ def validate(cfg: Config) -> None:
            f"{m.image_size} is not divisible by model.patch_size={m.patch_size}")
     _check(m.attn_every >= -1, "model.attn_every", "must be -1 (size default), 0 (pure SSM) or a block period")
     _check(0.0 <= m.class_dropout < 1.0, "model.class_dropout", "must be in [0, 1)")
+    if m.conditioning == "text":
+        _check(m.arch in ("dit", "ssm"), "model.conditioning", f"text conditioning needs a dit or ssm backbone, "
+               f"not {m.arch} (it cross-attends to the caption)")
+        _check(m.max_tokens >= 1, "model.max_tokens", "must be at least 1")
+        _check(m.vocab_size >= 3, "model.vocab_size", "must be at least 3 (padding, unknown and one word)")
+        _check(m.text_depth >= 0, "model.text_depth", "must be >= 0")
     o = cfg.objective
     st = cfg.stage
     _check(0.0 <= st.target_decay < 1.0, "stage.target_decay", "must be in [0, 1)")

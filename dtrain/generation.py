@@ -1,4 +1,7 @@
-"""The one sampling entry point: (labels, seeds, steps, guidance, sampler) -> images, decoded when latent.
+"""The one sampling entry point: (condition, seeds, steps, guidance, sampler) -> images, decoded when latent.
+
+A condition is class labels [B] or, for a text model, its prompts' token ids [B, L] (`conditions`
+encodes prompts with the checkpoint's tokenizer; the empty prompt is the null condition).
 
 The CLI's `dtrain sample`, the training loop's W&B grids, evaluation and the serving replicas call
 `render`; reflow pair generation calls its first half, `solve` (the ODE's end state, not decoded),
@@ -22,8 +25,10 @@ from dtrain.diffusion import prediction_and_path
 from dtrain.diffusion.parameterization import Denoiser
 from dtrain.diffusion import samplers
 from dtrain.diffusion.samplers import guided, initial_noise, sample, sampling_times
-from dtrain.images import grid, to_uint8
-from dtrain.models import build_model
+from dtrain.images import captioned_grid, grid, to_uint8
+from dtrain.config import to_yaml
+from dtrain.data.captions import caption_encoder
+from dtrain.models import build_model, null_condition
 from dtrain.precision import DTYPES, in_precision
 
 
@@ -62,11 +67,30 @@ def _in_dtype(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return net if p.dtype == dtype else copy.deepcopy(net).to(dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def _encoder(model_cfg_yaml: str, tokenizer: str | None):
+    """A replica encodes every request the same way: the tokenizer is parsed (an encoder loaded) once."""
+    from dtrain.config import from_yaml
+
+    return caption_encoder(from_yaml(model_cfg_yaml).model, tokenizer)
+
+
+def conditions(cfg, tokenizer: str | None, prompts: list[str]) -> torch.Tensor:
+    """A text model's condition for `prompts`: token ids [B, model.max_tokens] by its tokenizer (JSON), or
+    a frozen encoder's embeddings [B, model.max_tokens, E]. The empty prompt is the null condition."""
+    if cfg.model.conditioning != "text":
+        raise ValueError("prompts need a text model (model.conditioning=text); this one is conditioned on "
+                         f"{cfg.model.conditioning} labels")
+    return _encoder(to_yaml(cfg), tokenizer)(list(prompts))
+
+
 def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
           precision: str = "fp32", sampler: str = "euler", watermark=None,
-          live: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+          live: Optional[Callable[[], torch.Tensor]] = None, negative: torch.Tensor | None = None) -> torch.Tensor:
     """The ODE's end state [B, C, h, w] in the net's own space (latents stay latents), from the noise
-    `initial_noise(seeds)`. labels: [B] long class labels; seeds: B ints, one noise generator each, so a
+    `initial_noise(seeds)`. labels: the condition, [B] long class labels or a text model's token ids [B, L]
+    (`conditions`); negative: a text model's negative prompts' ids [B, L], the unconditional side of
+    guidance (None: the empty prompt). seeds: B ints, one noise generator each, so a
     sample depends on its seed alone and not on how it was batched. `sampler` (a name in
     dtrain.diffusion.samplers.REGISTRY) takes `steps` steps with classifier-free guidance,
     `samplers.nfe(sampler, steps, guidance)` network calls per image,
@@ -89,14 +113,15 @@ def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], ste
     prediction, path = prediction_and_path(cfg.objective)
     noise = initial_noise((m.in_channels, m.image_size, m.image_size), seeds)
     noise = (noise if watermark is None else watermark.shade(noise)).to(device)
+    null = null_condition(m) if negative is None else negative.to(device)
     was_training = run.training
     run.eval()  # in train mode the label embedder drops labels at random (CFG training): never when sampling
     try:
         if samplers.get(sampler).needs_flow_map:
             with torch.no_grad():
-                return samplers.get(sampler).run(net_fn, labels.to(device), guidance, m.num_classes, noise,
+                return samplers.get(sampler).run(net_fn, labels.to(device), guidance, null, noise,
                                                  sampling_times(path, steps).to(device)).cpu()
-        denoiser = Denoiser(guided(net_fn, labels.to(device), guidance, m.num_classes), prediction, path)
+        denoiser = Denoiser(guided(net_fn, labels.to(device), guidance, null), prediction, path)
         # the consistency sampler's fresh noise at step k, per image from its seed alone
         renoise = lambda k: initial_noise(noise.shape[1:], [(s * 1_000_003 + k) % 2**63 for s in seeds])  # noqa: E731
         return sample(sampler, denoiser, noise, steps, renoise=renoise).cpu()
@@ -121,23 +146,30 @@ def _only_live(net_fn, live: Callable[[], torch.Tensor]):
 
 def render(net: torch.nn.Module, cfg, meta: dict, labels: torch.Tensor, seeds: list[int], steps: int,
            guidance: float, precision: str = "fp32", sampler: str = "euler", watermark=None,
-           live: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
-    """Class-conditional images [B, C, H, W] in [-1, 1] (C, H, W = image_shape(cfg, meta)): `solve`,
-    then decoded through the checkpoint's VAE when it was trained on latents (the VAE in float32)."""
+           live: Optional[Callable[[], torch.Tensor]] = None, negative: torch.Tensor | None = None) -> torch.Tensor:
+    """Conditional images [B, C, H, W] in [-1, 1] (C, H, W = image_shape(cfg, meta)): `solve`, then
+    decoded through the checkpoint's VAE when it was trained on latents (the VAE in float32)."""
     vae = latent_vae(meta)  # before sampling: a missing VAE fails fast, not after all the steps
-    x = solve(net, cfg, labels, seeds, steps, guidance, precision, sampler, watermark, live)
+    x = solve(net, cfg, labels, seeds, steps, guidance, precision, sampler, watermark, live, negative)
     if vae is None:
         return x
     lat = meta["latents"]
     return decode_latents(vae, x, float(lat["scaling_factor"]), float(lat.get("shift_factor") or 0.0))
 
 
-def grid_from_weights(weights: dict, cfg, meta: dict, per_class: int = 4, precision: str = "fp32") -> np.ndarray:
-    """A uint8 grid (rows = classes, `per_class` columns) from consolidated weights, for the training
-    loop's W&B images. Seeds 0..N-1, cfg.sample's sampler, steps and guidance."""
+def grid_from_weights(weights: dict, cfg, meta: dict, per_class: int = 4, precision: str = "fp32",
+                      prompts: list[str] | None = None, tokenizer: str | None = None) -> np.ndarray:
+    """A uint8 grid (rows = classes, or a text model's `prompts` with each written beside its row;
+    `per_class` columns) from consolidated weights, for the training loop's W&B images. Seeds 0..N-1,
+    cfg.sample's sampler, steps and guidance."""
     net = build_model(cfg.model)
     net.load_state_dict(weights)
     m, s = cfg.model, cfg.sample
-    labels = torch.arange(m.num_classes).repeat_interleave(per_class)
-    x = render(net.eval(), cfg, meta, labels, list(range(len(labels))), s.steps, s.guidance, precision, s.sampler)
+    if m.conditioning == "text":
+        cond = conditions(cfg, tokenizer, [p for p in prompts or [""] for _ in range(per_class)])
+    else:
+        cond = torch.arange(m.num_classes).repeat_interleave(per_class)
+    x = render(net.eval(), cfg, meta, cond, list(range(len(cond))), s.steps, s.guidance, precision, s.sampler)
+    if m.conditioning == "text":
+        return captioned_grid(to_uint8(x), prompts or [""], per_class)
     return grid(to_uint8(x), per_class)

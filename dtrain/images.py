@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -24,6 +24,20 @@ def grid(images: np.ndarray, ncol: int, pad: int = 1) -> np.ndarray:
         r, c = divmod(i, ncol)
         out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
     return out
+
+
+def captioned_grid(images: np.ndarray, captions: list[str], ncol: int, factor: int = 4, width: int = 260) -> np.ndarray:
+    """grid(images, ncol) upscaled by `factor`, each row's caption written in a white strip to its left
+    (row r holds the images asked for with captions[r]): samples with the prompts that made them."""
+    cells = np.asarray(upscale(grid(images, ncol), factor))
+    if cells.ndim == 2:
+        cells = np.repeat(cells[..., None], 3, axis=-1)
+    row_h = (images.shape[1] + 1) * factor
+    strip = Image.new("RGB", (width, cells.shape[0]), "white")
+    draw = ImageDraw.Draw(strip)
+    for r, text in enumerate(captions):
+        draw.text((4, r * row_h + row_h // 2 - 5), text[:48] or "(empty prompt)", fill="black")
+    return np.concatenate([np.asarray(strip), cells], axis=1)
 
 
 def upscale(img: np.ndarray, factor: int) -> Image.Image:

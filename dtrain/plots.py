@@ -3,7 +3,8 @@
 Pillow is already a dependency (image I/O); matplotlib is not, and a handful of report charts (FD
 against NFE, velocity error against t, a serving timeline) don't justify a large plotting stack. So
 this draws just what they need: panels stacked over one shared x axis, linear or log10 axes, ticks,
-labelled dashed reference lines, step lines for counts, a legend per panel. `line_chart` is one panel.
+labelled dashed reference lines, step lines for counts, a legend per panel, one colour per series name
+(the same name in two panels is one series). `line_chart` is one panel.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def panels(path: str | Path, stack: list[Panel], *, xlabel: str, xlog: bool = Fa
     px = lambda v: left + xfrac(v) * (w - left - right)  # noqa: E731
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    colors = itertools.cycle(COLORS)  # running on across panels, so every series has its own colour
+    # running on across panels, so every series has its own colour; a name repeated in another panel keeps it
+    colors, palette = itertools.cycle(COLORS), {}  # series name -> its colour
     for i, p in enumerate(stack):
         top = band + i * (ph + band)
         base = top + ph
@@ -85,7 +87,10 @@ def panels(path: str | Path, stack: list[Panel], *, xlabel: str, xlog: bool = Fa
                 d.line([x, py(y), min(x + 6, w - right), py(y)], fill=GREY, width=2)
             d.text((w - right - 6 - d.textlength(name), py(y) - 14), name, fill=GREY)
         for j, (name, pts) in enumerate(p.series.items()):
-            color, xy = next(colors), [(px(x), py(y)) for x, y in sorted(pts)]
+            if name not in palette:
+                palette[name] = next(colors)
+            color = palette[name]
+            xy = [(px(x), py(y)) for x, y in sorted(pts)]
             stepped = name in (p.step or ())
             if len(xy) == 1 or not stepped and (xy[-1][0] - xy[0][0]) / (len(xy) - 1) >= 8:
                 for a, b in xy:

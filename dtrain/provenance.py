@@ -2,7 +2,9 @@
 
 A C2PA manifest embedded in the PNG (a `caBX` chunk) says, under a signature, that dtrain
 created the image with a trained model (`c2pa.created`, IPTC `trainedAlgorithmicMedia`) and
-records how (`org.dtrain.generation`: model, stage, lineage, sampler, seed, ...). The manifest
+records how (`org.dtrain.generation`: model, stage, lineage, sampler, seed, and what the image was
+conditioned on: a class model's `class_label`, or a text model's `prompt` and any `negative_prompt`,
+which thus travel with the image to whoever receives it). The manifest
 hashes the image bytes, so any later change to the pixels or to the manifest is detectable by
 anyone with a C2PA reader, unlike the invisible watermark, which survives edits but proves nothing.
 

@@ -32,6 +32,8 @@ from dtrain.errors import DtrainError
 from dtrain.diffusion import prediction_and_path
 from dtrain.diffusion.parameterization import Denoiser
 from dtrain.diffusion.samplers import guided, invert
+from dtrain.models import null_condition
+from dtrain.models.text import PAD_ID
 from dtrain.precision import DTYPES, in_precision
 
 KEY_FILE_ENV = "DTRAIN_WATERMARK_KEY_FILE"  # where the default key lives, if not ~/.config/dtrain/watermark.key
@@ -112,9 +114,10 @@ def key_for_serving(path: str | Path | None) -> WatermarkKey:
 def recover_noise(net: torch.nn.Module, cfg, images: torch.Tensor, steps: int | None = None,
                   guidance: float | None = None, precision: str = "fp32") -> torch.Tensor:
     """Candidate initial noises [K, B, C, h, w] that the model's guided ODE maps to `images` [B, C, h, w]
-    in [-1, 1], one per class (K = the model's classes): an image's class is unknown to a detector, so
-    the ODE is inverted under each, `steps` steps (default cfg.sample.steps, the times the sampler
-    used) at `guidance` (default cfg.sample.guidance), and `detect` keeps the best match."""
+    in [-1, 1], one per class (K = the model's classes; a text model's one: the empty prompt): an image's
+    class is unknown to a detector, so the ODE is inverted under each, `steps` steps (default
+    cfg.sample.steps, the times the sampler used) at `guidance` (default cfg.sample.guidance), and
+    `detect` keeps the best match."""
     m, dtype = cfg.model, DTYPES[precision]
     steps = steps or cfg.sample.steps
     guidance = cfg.sample.guidance if guidance is None else guidance
@@ -130,9 +133,11 @@ def recover_noise(net: torch.nn.Module, cfg, images: torch.Tensor, steps: int | 
     net.eval()
     try:
         out = []
-        for c in range(m.num_classes):
-            labels = torch.full((len(x),), c, dtype=torch.long, device=device)
-            fn = guided(in_precision(net, dtype), labels, guidance, m.num_classes)
+        # a text model's prompt is unknown and unbounded: its ODE is inverted under the empty prompt alone
+        text = m.conditioning == "text"
+        for c in ([PAD_ID] if text else range(m.num_classes)):
+            labels = torch.full((len(x), m.max_tokens) if text else (len(x),), c, dtype=torch.long, device=device)
+            fn = guided(in_precision(net, dtype), labels, guidance, null_condition(m))
             out.append(invert(Denoiser(fn, prediction, path), x, steps).cpu())
         return torch.stack(out)
     finally:

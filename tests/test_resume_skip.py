@@ -77,7 +77,7 @@ def test_deep_skip_decodes_only_what_it_yields(tmp_path, monkeypatch):
     ref = list(islice(train_batches(urls, 0, 1, 0, bs, buf), k + 3))
     calls = []
     decode = shards.decode_sample
-    monkeypatch.setattr(shards, "decode_sample", lambda s: calls.append(s["__key__"]) or decode(s))
+    monkeypatch.setattr(shards, "decode_sample", lambda s, *a: calls.append(s["__key__"]) or decode(s, *a))
     got = list(islice(train_batches(urls, 0, 1, 0, bs, buf, skip=k), 3))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref[k:], got))
     assert len(calls) <= 3 * bs + buf  # the replay decoded (k + 3) * bs = 312 samples

@@ -240,8 +240,8 @@ def test_no_body_gets_a_server_error(served):
         assert r.json()["detail"]  # names what is wrong
 
     fields = list(served.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"])
-    assert set(fields) == {"model", "version", "allow_fallback", "class_label", "seed", "num_images", "sampler",
-                           "steps", "guidance"}
+    assert set(fields) == {"model", "version", "allow_fallback", "class_label", "prompt", "negative_prompt", "seed",
+                           "num_images", "sampler", "steps", "guidance"}
     values = st.one_of(st.integers(-2**70, 2**70), st.integers(0, 12), st.floats(), st.text(max_size=8), st.none(),
                        st.booleans(), st.lists(st.integers(), max_size=2),
                        st.sampled_from(["euler", "heun", "ddim", "tiny", "ckpt", "v2"]))

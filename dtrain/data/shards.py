@@ -3,8 +3,8 @@
 A sample is `{__key__, png, cls}`: a PNG image (grayscale or RGB) and an integer class label, or
 img2dataset's layout `{__key__, jpg|jpeg|png|webp, txt, json}`: an image (RGBA and palette images
 become RGB), its UTF-8 caption and metadata, usually without `cls`. A sample with a caption but no
-`cls` gets label -1, "no class", which the model embeds as the null label: captioned data trains
-unconditionally for now (the caption and json are not read further). Or
+`cls` gets label -1, "no class", which a class model embeds as the null label; a text model
+(model.conditioning=text) reads the caption instead (`captions=True`). Or
 `{__key__, latent.npy, cls}`: precomputed VAE latents [C, h, w] (written by `dtrain.data.latents`), or
 `{__key__, x.npy, noise.npy, cls, seed}`: a reflow pair, a teacher's sample and the noise it started
 from (written by `dtrain.train.pairs`).
@@ -136,21 +136,22 @@ def _array(data: bytes, key: str) -> torch.Tensor:
         raise DataError(f"{key}: {e}; dtrain never unpickles shard data: write numeric .npy arrays") from None
 
 
-def decode_sample(sample: dict) -> tuple:
-    """(x [C, H, W], label) or, for a reflow pair, (x, label, noise [C, H, W]). A sample holding a
-    pickled payload is refused before anything is decoded: shard data never runs pickle."""
+def decode_sample(sample: dict, captions: bool = False) -> tuple:
+    """(x [C, H, W], label) or, for a reflow pair, (x, label, noise [C, H, W]); with `captions` the label
+    is the sample's caption (txt, a str) instead. A sample holding a pickled payload is refused before
+    anything is decoded: shard data never runs pickle."""
     pickled = sorted(k for k in sample if k.rsplit(".", 1)[-1] in PICKLED)
     if pickled:
         raise DataError(f"sample {sample.get('__key__')} of {sample.get('__url__')} holds {pickled}: dtrain never "
                         "unpickles shard data; write arrays as .npy and images as .png")
     if "noise.npy" in sample:
-        return _array(sample["x.npy"], "x.npy"), _label(sample), _array(sample["noise.npy"], "noise.npy")
+        return _array(sample["x.npy"], "x.npy"), _label(sample, captions), _array(sample["noise.npy"], "noise.npy")
     if "latent.npy" in sample:  # latents are used as encoded: already scaled, no [-1, 1] mapping
-        return _array(sample["latent.npy"], "latent.npy"), _label(sample)
+        return _array(sample["latent.npy"], "latent.npy"), _label(sample, captions)
     ext = next((e for e in IMAGES if e in sample), None)
     if ext is None:
         raise _missing(sample, f"image ({'/'.join(IMAGES)})")
-    label = _label(sample)
+    label = _label(sample, captions)
     with Image.open(io.BytesIO(sample[ext])) as im:
         if im.mode not in ("L", "RGB"):  # palette via RGBA, so its transparency converts cleanly
             im = (im.convert("RGBA") if im.mode == "P" else im).convert("L" if im.mode in ("1", "LA") else "RGB")
@@ -160,11 +161,19 @@ def decode_sample(sample: dict) -> tuple:
     return x, label
 
 
-def _label(sample: dict) -> int:
-    """`cls`, or -1 ("no class", embedded as the null label) for a sample with a caption instead."""
+def _label(sample: dict, captions: bool = False) -> int | str:
+    """`cls`, or -1 ("no class", embedded as the null label) for a sample with a caption instead; with
+    `captions`, the caption itself, or its precomputed embeddings (emb.npy) where the sample has them."""
+    text = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+    if captions:
+        if "emb.npy" in sample:  # a frozen text encoder's embeddings, precomputed (dtrain.data.text_encoders)
+            return _array(sample["emb.npy"], "emb.npy")
+        if text:
+            return text
+        raise _missing(sample, "caption (a non-empty txt; a text model trains on captions)")
     if "cls" in sample:
         return int(sample["cls"])
-    if sample.get("txt", b"").decode("utf-8", errors="replace").strip():
+    if text:
         return -1
     raise _missing(sample, "label (cls, or a non-empty caption in txt)")
 
@@ -174,12 +183,12 @@ def _missing(sample: dict, what: str) -> MissingField:
     return MissingField(f"sample {sample.get('__key__')} of {sample.get('__url__')} has no {what}; it has {keys}")
 
 
-def _decoded(samples, handler) -> Iterator[tuple]:
+def _decoded(samples, handler, captions: bool = False) -> Iterator[tuple]:
     """decode_sample over `samples`; a sample missing a field goes to `handler`, which skips it by
     returning True (False stops, as in webdataset). Other errors, pickled payloads among them, propagate."""
     for sample in samples:
         try:
-            yield decode_sample(sample)
+            yield decode_sample(sample, captions)
         except MissingField as e:
             if handler(e):
                 continue
@@ -271,10 +280,11 @@ class EpochDataset(torch.utils.data.IterableDataset):
     its own samples. `skip_rounds` > 0 (resuming): every worker first drops that many of its batches,
     whole shards by their counts, then the first samples of the next shard before decoding."""
 
-    def __init__(self, shards, epoch, seed, batch_size, shuffle_buffer, on_corrupt, skip_rounds=0, counts=None):
+    def __init__(self, shards, epoch, seed, batch_size, shuffle_buffer, on_corrupt, skip_rounds=0, counts=None,
+                 captions=False):
         self.shards, self.epoch, self.seed, self.batch_size = shards, epoch, seed, batch_size
         self.shuffle_buffer, self.on_corrupt = max(1, shuffle_buffer), on_corrupt
-        self.skip_rounds, self.counts = skip_rounds, counts
+        self.skip_rounds, self.counts, self.captions = skip_rounds, counts, captions
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -285,7 +295,7 @@ class EpochDataset(torch.utils.data.IterableDataset):
             skip = min(self.skip_rounds, own) * self.batch_size
         todo = _drops(mine, skip, self.counts, self.on_corrupt)
         samples = itertools.chain.from_iterable(self._shard(u, drop) for u, drop in todo)
-        return wds.batched(self.batch_size, partial=False)(_decoded(samples, self.on_corrupt))
+        return wds.batched(self.batch_size, partial=False)(_decoded(samples, self.on_corrupt, self.captions))
 
     def _shard(self, url: str, drop: int):
         raw = tar_samples(url, handler=self.on_corrupt)
@@ -308,14 +318,14 @@ def _drops(urls: list[str], skip: int, counts, on_corrupt):
 
 def epoch_dataset(urls: str, rank: int, world: int, epoch: int, seed: int, batch_size: int,
                   shuffle_buffer: int, on_corrupt: CorruptShards | None = None, skip_rounds: int = 0,
-                  counts: dict | None = None) -> EpochDataset:
+                  counts: dict | None = None, captions: bool = False) -> EpochDataset:
     """One epoch of this rank's batches. Corrupt tar data and samples missing a field go to `on_corrupt`
     (default: skip and warn)."""
     shards = expand_urls(urls)
     if len(shards) < world:
         raise DataError(f"{len(shards)} shard(s) for {world} workers: every worker needs one; write more shards")
     return EpochDataset(_rank_shards(shards, rank, world, epoch, seed), epoch, seed, batch_size, shuffle_buffer,
-                        on_corrupt or CorruptShards(), skip_rounds, counts)
+                        on_corrupt or CorruptShards(), skip_rounds, counts, captions)
 
 
 def _skip_position(shards, rank, world, seed, batch_size, workers, skip, on_corrupt):
@@ -345,9 +355,10 @@ def _skip_position(shards, rank, world, seed, batch_size, workers, skip, on_corr
 
 def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, shuffle_buffer: int,
                   loader_workers: int = 0, skip: int = 0,
-                  on_corrupt: CorruptShards | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+                  on_corrupt: CorruptShards | None = None, captions: bool = False) -> Iterator[tuple]:
     """Endless stream of (x [B, C, H, W], labels [B]) for this rank, epoch after epoch: images in
-    [-1, 1], or latents as stored; pair shards add their noise (x, labels, noise [B, C, H, W]).
+    [-1, 1], or latents as stored; pair shards add their noise (x, labels, noise [B, C, H, W]). With
+    `captions`, a list of B captions takes the labels' place.
     `skip` batches are dropped first: that is how a resumed run continues where it stopped. Shards are
     skipped by their sample counts, without decoding."""
     on_corrupt = on_corrupt or CorruptShards()
@@ -357,7 +368,8 @@ def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, 
         epoch, rounds, drop, counts = _skip_position(shards, rank, world, seed, batch_size, max(1, loader_workers),
                                                      skip, on_corrupt)
     while True:
-        ds = epoch_dataset(urls, rank, world, epoch, seed, batch_size, shuffle_buffer, on_corrupt, rounds, counts)
+        ds = epoch_dataset(urls, rank, world, epoch, seed, batch_size, shuffle_buffer, on_corrupt, rounds, counts,
+                           captions)
         loader = wds.WebLoader(ds, batch_size=None, num_workers=loader_workers) if loader_workers else ds
         produced = 0
         for x, y, *rest in loader:
@@ -365,20 +377,23 @@ def train_batches(urls: str, rank: int, world: int, seed: int, batch_size: int, 
             if drop:  # replay, or the < loader_workers batches of a partly skipped round
                 drop -= 1
                 continue
-            yield x, torch.as_tensor(y), *rest
+            yield x, (y if isinstance(y, torch.Tensor) else list(y) if captions else torch.as_tensor(y)), *rest
         if produced == 0 and not rounds:
             raise DataError(f"rank {rank} got no full batch of {batch_size} from {urls} in epoch {epoch}")
         epoch, rounds = epoch + 1, 0
 
 
-def load_images(urls: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (or the first `limit`) samples of some shards, in order: for evaluation and tests. A sample
-    missing a field raises `MissingField`: nothing is skipped."""
+def load_images(urls: str, limit: int | None = None, captions: bool = False) -> tuple[torch.Tensor, torch.Tensor | list]:
+    """All (or the first `limit`) samples of some shards, in order: for evaluation and tests; with
+    `captions`, their captions (a list) instead of labels. A sample missing a field raises
+    `MissingField`: nothing is skipped."""
     xs, ys = [], []
     for sample in itertools.chain.from_iterable(map(tar_samples, expand_urls(urls))):
-        x, y, *_ = decode_sample(sample)
+        x, y, *_ = decode_sample(sample, captions)
         xs.append(x)
         ys.append(y)
         if limit and len(xs) >= limit:
             break
+    if captions:  # captions, or their precomputed embeddings stacked
+        return torch.stack(xs), (torch.stack(ys) if ys and isinstance(ys[0], torch.Tensor) else ys)
     return torch.stack(xs), torch.tensor(ys)

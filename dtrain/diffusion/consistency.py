@@ -17,7 +17,7 @@ import torch
 
 from dtrain.diffusion.flow import ModelFn, batch_noise
 from dtrain.diffusion.paths import PATHS
-from dtrain.diffusion.samplers import guided
+from dtrain.diffusion.samplers import dropped, guided
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class ConsistencyDistillation:
         n_batch = x1.shape[0]
         z = batch_noise(batch, generator)
         drop = torch.rand(n_batch, generator=generator).to(cond.device) < self.cond_dropout
-        cond = torch.where(drop, torch.full_like(cond, self.null_label), cond)
+        cond = dropped(cond, drop, self.null_label)
         n = torch.randint(0, self.intervals, (n_batch,), generator=generator)
         t, t_next = (n / self.intervals).to(x1), ((n + 1) / self.intervals).to(x1)
         shape = (-1, *[1] * (x1.ndim - 1))

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dtrain.diffusion.flow import ModelFn, batch_noise, check_time_sampling, sample_time
 from dtrain.diffusion.paths import PATHS
-from dtrain.diffusion.samplers import guided
+from dtrain.diffusion.samplers import dropped, guided
 
 JVP_MODES = ("forward", "double_backward", "finite_difference")  # and "auto": the stage resolves it
 FD_STEP = 1e-4  # the central difference's step: truncation (the time embedding's 1000 rad per unit t) vs fp32 rounding
@@ -117,7 +117,7 @@ class MeanFlowLoss:
             v = x1 - x0
         else:
             drop = torch.rand(x1.shape[0], generator=generator).to(cond.device) < self.cond_dropout
-            cond = torch.where(drop, torch.full_like(cond, self.null_label), cond)
+            cond = dropped(cond, drop, self.null_label)
             with torch.no_grad():
                 v = guided(self.teacher, cond, self.guidance, self.null_label)(xt, t)
         u, dudt = total_derivative(lambda x, t_, s_: model_fn(x, t_, cond, s_), xt, t, s, v, self.jvp)

@@ -102,7 +102,7 @@ def invert(denoiser: Denoiser, x: torch.Tensor, steps: int, refine: int = 2) -> 
     return x
 
 
-def sample_flow_map(net, cond: torch.Tensor, guidance: float, null_label: int, x: torch.Tensor,
+def sample_flow_map(net, cond: torch.Tensor, guidance: float, null_label: int | torch.Tensor, x: torch.Tensor,
                     ts: torch.Tensor) -> torch.Tensor:
     """A flow map's jumps x_s = x_t + (s - t) u(x_t, t, s) between consecutive times (one step: x_1 =
     x_0 + u(x_0, 0, 1)). net(x, t, cond, s) -> u; guidance mixes the conditional and unconditional u."""
@@ -112,19 +112,25 @@ def sample_flow_map(net, cond: torch.Tensor, guidance: float, null_label: int, x
     return x
 
 
-def guided(net, cond: torch.Tensor, scale: float, null_label: int) -> VelocityFn:
+def guided(net, cond: torch.Tensor, scale: float, null_label: int | torch.Tensor) -> VelocityFn:
     """Classifier-free guidance (Ho & Salimans 2022, Eq. 6) on the raw output, whatever the net predicts:
     out = out_uncond + s (out_cond - out_uncond). Conditional and unconditional halves run as one batch;
-    scale 1 skips the unconditional pass."""
+    scale 1 skips the unconditional pass. cond: class labels [B] or token ids [B, L]; null_label: the value
+    the unconditional half is filled with, or that half itself (like cond: a negative prompt's ids)."""
     if scale == 1.0:
         return lambda x, t: net(x, t, cond)
-    null = torch.full_like(cond, null_label)
+    null = torch.full_like(cond, null_label) if isinstance(null_label, int) else null_label.to(cond)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         v_c, v_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
         return v_u + scale * (v_c - v_u)
 
     return fn
+
+
+def dropped(cond: torch.Tensor, drop: torch.Tensor, null_label: int) -> torch.Tensor:
+    """cond (labels [B] or token ids [B, L]) with the rows where drop [B] is true made null."""
+    return torch.where(drop.view(-1, *[1] * (cond.ndim - 1)), torch.full_like(cond, null_label), cond)
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:

@@ -32,7 +32,7 @@ import ray
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from dtrain.checkpoint import read_meta, resolve
+from dtrain.checkpoint import read_meta, read_tokenizer, resolve
 from dtrain.data.shapes import (HELD_OUT, META_FILE, NUM_CLASSES, Seen, Wanted, article, caption, class_name,
                                 class_of, parse_caption, read_meta as read_world, render, scene_rng, split_scene)
 from dtrain.data.shards import MissingField, decode_sample, expand_urls, tar_samples
@@ -41,7 +41,7 @@ from dtrain.eval import eval_seeds
 from dtrain.eval.digits import _cached_model, _eval_chunk, as_stored
 from dtrain.eval.frechet import frechet_distance, gaussian_stats
 from dtrain.eval.recogniser import shapes_recogniser
-from dtrain.generation import image_shape
+from dtrain.generation import conditions, image_shape
 
 REFERENCE_SHARD = 1_000_000  # reference renders use val-split seeds from this shard number on
 ATTRIBUTES = ("shape", "colour", "place")
@@ -158,15 +158,47 @@ def class_captions(labels: Sequence[int]) -> list[str]:
     return [f"{article(class_name(int(k)))} {class_name(int(k))}" for k in labels]
 
 
+def eval_prompts(n: int, n_heldout: int, world: dict) -> tuple[list[str], torch.Tensor]:
+    """A text model's fixed evaluation prompts: the captions of n validation-distribution scenes (at
+    reference shards disjoint from the FD references) and of n_heldout scenes holding a held-out
+    composition; and the mask [n + n_heldout] of the seen ones."""
+    size, seed, k = world["image_size"], world["seed"], world["max_objects"]
+    seen = reference_scenes(n, size, seed, k, offset=2)
+    held = [split_scene(scene_rng(seed, "heldout", REFERENCE_SHARD + 2, i), "heldout", size, k) for i in range(n_heldout)]
+    return [caption(s) for s in seen + held], torch.arange(n + n_heldout) < n
+
+
+def _asked(cfg, samples_per_class: int, n_prompts: int, world: dict, tokenizer: str | None):
+    """(conditions, captions they ask for, mask of the seen ones): every class `samples_per_class` times,
+    class-interleaved so any prefix is balanced (held-out pairs apart); or a text model's n_prompts
+    evaluation prompts plus a quarter as many held-out ones."""
+    if cfg.model.conditioning == "text":
+        prompts, seen = eval_prompts(n_prompts, n_prompts // 4, world)
+        return conditions(cfg, tokenizer, prompts), prompts, seen
+    held = {class_of(c, s) for c, s in HELD_OUT["pairs"]}
+    labels = torch.arange(NUM_CLASSES).repeat(samples_per_class)
+    return labels, class_captions(labels.tolist()), torch.tensor([int(k) not in held for k in labels])
+
+
+def _by_objects(captions: Sequence[str], read: Sequence, mask: torch.Tensor) -> dict:
+    """score() per number of objects the caption asks for, over the masked images."""
+    counts = [len(parse_caption(c)) for c in captions]
+    return {str(k): score([c for c, n, m in zip(captions, counts, mask) if m and n == k],
+                          [r for r, n, m in zip(read, counts, mask) if m and n == k])
+            for k in sorted({n for n, m in zip(counts, mask) if m})}
+
+
 def evaluate_shapes_checkpoint(ckpt, steps_list=(1, 4, 16), samples_per_class: int = 10, seed: int = 0,
                                guidance: float | None = None, val_shards: str | None = None,
-                               sampler: str = "euler", use_ray: bool | None = None, recogniser=None,
-                               log: Callable[[str], None] | None = None) -> dict:
-    """Attribute, count and binding accuracy and FD (recogniser features) of a class-conditional
-    checkpoint of the shapes world, per step count. Every class is asked for `samples_per_class`
-    times with fixed seeds; classes whose pair the training split held out are scored apart
-    (`heldout`), since the model never saw them. The recogniser reads real renders too: its figures
-    on them (`real`) say how far it can be trusted."""
+                               samplers: Sequence[str] = ("euler",), use_ray: bool | None = None, recogniser=None,
+                               log: Callable[[str], None] | None = None, n_prompts: int = 400) -> dict:
+    """Attribute, count and binding accuracy and FD (recogniser features) of a checkpoint of the shapes
+    world, per sampler and step count. A class model is asked for every class `samples_per_class` times; a text
+    model for `n_prompts` fixed evaluation prompts (`eval_prompts`), each with a fixed seed. What the
+    training split held out (class pairs; scenes with a held-out composition) is scored apart
+    (`heldout`), since the model never saw it; a text model's figures are also given per number of
+    objects asked for (`by_objects`). The recogniser reads real renders too: its figures on them
+    (`real`) say how far it can be trusted."""
     path = str(resolve(ckpt))
     (_, cfg), meta = _cached_model(path)
     shards = val_shards or cfg.data.val_shards
@@ -174,41 +206,43 @@ def evaluate_shapes_checkpoint(ckpt, steps_list=(1, 4, 16), samples_per_class: i
     if world is None:
         raise ValueError(f"{shards}: no dataset.json of the shapes world beside them (`dtrain data shapes`)")
     shape = image_shape(cfg, meta)
-    if shape != (3, world["image_size"], world["image_size"]) or cfg.model.num_classes != NUM_CLASSES:
+    text = cfg.model.conditioning == "text"
+    if shape != (3, world["image_size"], world["image_size"]) or (not text and cfg.model.num_classes != NUM_CLASSES):
         raise ValueError(f"the checkpoint makes {cfg.model.num_classes}-class images of shape {list(shape)}; the "
                          f"world has {NUM_CLASSES} classes at {[3, world['image_size'], world['image_size']]}")
     rec = recogniser or shapes_recogniser(world["image_size"])
     g = float(cfg.sample.guidance if guidance is None else guidance)
-    held = {class_of(c, s) for c, s in HELD_OUT["pairs"]}
-    labels = torch.arange(NUM_CLASSES).repeat(samples_per_class)  # class-interleaved: any prefix is balanced
-    seeds = eval_seeds(len(labels), seed)
-    captions = class_captions(labels.tolist())
-    seen_mask = torch.tensor([int(k) not in held for k in labels])
+    conds, captions, seen_mask = _asked(cfg, samples_per_class, n_prompts, world, read_tokenizer(path))
+    seeds = eval_seeds(len(conds), seed)
     n = int(seen_mask.sum())
     real = reference_images(2 * n, world["image_size"], world["seed"], world["max_objects"])
     ref_f, floor_f = rec.features(real[:n]), rec.features(real[n:])
     real_scenes = reference_scenes(n, world["image_size"], world["seed"], world["max_objects"], offset=0)
     result = {"checkpoint": path, "step": read_meta(path).get("step"), "world": shards, "guidance": g,
-              "sampler": sampler, "recogniser": rec.name, "n_samples": n, "n_heldout": len(labels) - n,
+              "samplers": list(samplers), "recogniser": rec.name, "conditioning": cfg.model.conditioning,
+              "n_samples": n, "n_heldout": len(conds) - n,
               "real": score([caption(s) for s in real_scenes], rec.read(real[:n])), "rows": []}
     chunk = 200
-    args = [(path, labels[i:i + chunk], seeds[i:i + chunk], steps, g, sampler, None)
-            for steps in steps_list for i in range(0, len(labels), chunk)]
+    runs = [(sampler, steps) for sampler in samplers for steps in steps_list]
+    args = [(path, conds[i:i + chunk], seeds[i:i + chunk], steps, g, sampler, None)
+            for sampler, steps in runs for i in range(0, len(conds), chunk)]
     if ray.is_initialized() if use_ray is None else use_ray:
         from dtrain.runtime import run_tasks
 
         parts = run_tasks(_eval_chunk, args, desc="shapes eval sampling")
     else:
         parts = [_eval_chunk(*a) for a in args]
-    per_row = len(range(0, len(labels), chunk))
-    for r, steps in enumerate(steps_list):
+    per_row = len(range(0, len(conds), chunk))
+    for r, (sampler, steps) in enumerate(runs):
         x = as_stored(torch.cat([p[0] for p in parts[r * per_row:(r + 1) * per_row]]))
         read = rec.read(x)
-        row = {"steps": steps, "nfe": nfe(sampler, steps, g),
+        row = {"sampler": sampler, "steps": steps, "nfe": nfe(sampler, steps, g),
                **score([c for c, m in zip(captions, seen_mask) if m], [s for s, m in zip(read, seen_mask) if m]),
                **fd_figures(rec.features(x[seen_mask]), ref_f, floor_f, seed=seed),
                "heldout": score([c for c, m in zip(captions, seen_mask) if not m],
                                 [s for s, m in zip(read, seen_mask) if not m])}
+        if text:
+            row["by_objects"] = _by_objects(captions, read, seen_mask)
         result["rows"].append(row)
         if log:
             log(format_row(row))
@@ -216,10 +250,18 @@ def evaluate_shapes_checkpoint(ckpt, steps_list=(1, 4, 16), samples_per_class: i
 
 
 def format_row(r: dict) -> str:
-    return (f"steps {r['steps']:3d}  nfe {r['nfe']:3d}  shape {r['shape_acc']:.3f}  colour {r['colour_acc']:.3f}  "
-            f"count {r['count_acc']:.3f}  binding {r['binding_acc']:.3f}  fd {r['fd']:.3f} "
+    by = "".join(f"  {k} obj: attr {_attributes(v):.3f} binding {v['binding_acc']:.3f}"
+                 for k, v in r.get("by_objects", {}).items())
+    return (f"{r['sampler']:8} steps {r['steps']:3d}  nfe {r['nfe']:3d}  shape {r['shape_acc']:.3f}  "
+            f"colour {r['colour_acc']:.3f}  count {r['count_acc']:.3f}  binding {r['binding_acc']:.3f}  fd {r['fd']:.3f} "
             f"[{r['fd_ci'][0]:.3f}, {r['fd_ci'][1]:.3f}]  floor {r['noise_floor_fd']:.3f}  "
-            f"held-out pairs: binding {r['heldout']['binding_acc']:.3f}")
+            f"held-out: binding {r['heldout']['binding_acc']:.3f}{by}")
+
+
+def _attributes(r: dict) -> float:
+    """Attribute accuracy: the mean of shape and colour accuracy (and place where captions ask one)."""
+    accs = [r["shape_acc"], r["colour_acc"]] + ([r["place_acc"]] if r["place_acc"] is not None else [])
+    return sum(accs) / len(accs)
 
 
 def format_table(result: dict) -> str:

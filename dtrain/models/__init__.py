@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from dtrain.models import dit, mlp, ssm
+from dtrain.models.text import PAD_ID
 
 BACKBONES = {"dit": dit, "ssm": ssm, "mlp": mlp}
 
@@ -15,3 +16,9 @@ def build_model(model_cfg) -> nn.Module:
 
 def count_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+def null_condition(model_cfg) -> int:
+    """The value a null condition is filled with (`torch.full_like(cond, null)`): the null label
+    num_classes of a class model; padding of a text model, whose all-padding row is the empty caption."""
+    return PAD_ID if model_cfg.conditioning == "text" else model_cfg.num_classes

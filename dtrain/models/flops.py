@@ -14,7 +14,8 @@ def forward_macs(model_cfg, batch: int = 1) -> int:
         net = build_model(model_cfg).eval()
         m = model_cfg
         x = torch.empty(batch, m.in_channels, m.image_size, m.image_size)
-        t, cond = torch.empty(batch), torch.zeros(batch, dtype=torch.long)
+        t = torch.empty(batch)
+        cond = torch.zeros((batch, m.max_tokens) if m.conditioning == "text" else (batch,), dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
         net(x, t, cond)
     return counter.get_total_flops() // 2

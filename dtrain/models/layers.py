@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -78,11 +79,43 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, D]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # [B, N, D]
+        """mask [B, N] bool: the tokens that may be attended to (None: all)."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # [B, H, N, Dh]
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)  # [B, H, N, Dh]
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to a caption's tokens (PixArt-alpha, Chen et al. 2023, Sec. 2.3): a
+    pre-norm residual branch after self-attention, without adaLN modulation. Its output projection is
+    zero-initialised by the backbone, so a text block starts as the block without it."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        assert dim % heads == 0, f"hidden size {dim} not divisible by {heads} heads"
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: "Context") -> torch.Tensor:  # x [B, N, D] -> x + attention
+        B, N, D = x.shape
+        M, H = context.tokens.shape[1], self.heads
+        q = self.q(self.norm(x)).view(B, N, H, D // H).transpose(1, 2)  # [B, H, N, Dh]
+        k, v = self.kv(context.tokens).view(B, M, 2, H, D // H).permute(2, 0, 3, 1, 4)  # each [B, H, M, Dh]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask[:, None, None, :])
+        return x + self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Context(NamedTuple):
+    """A caption as the backbone's blocks see it: tokens [B, M, D] at the backbone's width and the
+    mask [B, M] of the ones that exist (always at least the start token)."""
+    tokens: torch.Tensor
+    mask: torch.Tensor
 
 
 class Mlp(nn.Sequential):
@@ -129,7 +162,7 @@ def zero_(*layers: nn.Linear) -> None:
 
 
 def init_backbone_(net: nn.Module) -> None:
-    """DiT's init: Xavier linears, N(0, 0.02) label and timestep embeddings. Call before the
+    """DiT's init: Xavier linears, N(0, 0.02) label, token and timestep embeddings. Call before the
     zero-inits of adaLN-Zero, which the backbone applies last."""
     for m in net.modules():
         if isinstance(m, nn.Linear):
@@ -139,8 +172,8 @@ def init_backbone_(net: nn.Module) -> None:
         elif isinstance(m, PatchEmbed):
             nn.init.xavier_uniform_(m.proj.weight.view(m.proj.weight.shape[0], -1))
             nn.init.zeros_(m.proj.bias)
-        elif isinstance(m, LabelEmbedder):
-            nn.init.normal_(m.table.weight, std=0.02)
+        elif isinstance(m, nn.Embedding):  # a label table or a text encoder's token table
+            nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, TimestepEmbedder):
             for layer in (m.mlp[0], m.mlp[2]):
                 nn.init.normal_(layer.weight, std=0.02)

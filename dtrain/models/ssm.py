@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dtrain.models.dit import DiT, DiTBlock
-from dtrain.models.layers import Mlp, init_backbone_, modulate, zero_
+from dtrain.models.dit import DiT, DiTBlock, TextSpec, cross_outputs, text_spec
+from dtrain.models.layers import Context, CrossAttention, Mlp, init_backbone_, modulate, zero_
 from dtrain.models.scan import ssd_scan
 
 
@@ -86,11 +86,13 @@ class SSMBlock(nn.Module):
     """DiTBlock with the attention replaced by a MambaMixer over the tokens in one scan order;
     adaLN-Zero conditioning as in DiT Sec. 3.2 (the backbone zero-initialises the regressor)."""
 
-    def __init__(self, dim: int, mlp_ratio: float, grid: int, order: str, **mixer_kw):
+    def __init__(self, dim: int, mlp_ratio: float, grid: int, order: str, heads: int = 1, text: bool = False,
+                 **mixer_kw):
         super().__init__()
         self.order = order
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mixer = MambaMixer(dim, **mixer_kw)
+        self.cross = CrossAttention(dim, heads) if text else None  # a text model's caption, as in DiTBlock
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -98,10 +100,13 @@ class SSMBlock(nn.Module):
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("inv", torch.argsort(perm), persistent=False)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # x [B, N, D], c [B, D]
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: Context | None = None) -> torch.Tensor:
+        """x [B, N, D], c [B, D]; context: the caption (text blocks only)."""
         s1, sc1, g1, s2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
         h = self.mixer(modulate(self.norm1(x), s1, sc1)[:, self.perm])[:, self.inv]  # scan order and back
         x = x + g1.unsqueeze(1) * h
+        if self.cross is not None:
+            x = self.cross(x, context)
         return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), s2, sc2))
 
     def extra_repr(self) -> str:
@@ -117,19 +122,21 @@ class SSMHybrid(DiT):
                  depth: int, num_heads: int, num_classes: int, class_dropout: float = 0.1,
                  mlp_ratio: float = 4.0, qk_norm: bool = False, grad_checkpointing: bool = False,
                  attn_every: int = 4, d_state: int = 64, head_dim: int = 64, expand: int = 2,
-                 scan_orders: tuple[str, ...] = ("row", "col", "zigzag"), flow_map: bool = False):
+                 scan_orders: tuple[str, ...] = ("row", "col", "zigzag"), flow_map: bool = False,
+                 text: TextSpec | None = None):
         super().__init__(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
                          hidden_size=hidden_size, depth=0, num_heads=num_heads, num_classes=num_classes,
                          class_dropout=class_dropout, mlp_ratio=mlp_ratio, qk_norm=qk_norm,
-                         grad_checkpointing=grad_checkpointing, flow_map=flow_map)
-        orders = itertools.cycle(scan_orders)
+                         grad_checkpointing=grad_checkpointing, flow_map=flow_map, text=text)
+        orders, cross = itertools.cycle(scan_orders), text is not None
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) if attn_every and (i + 1) % attn_every == 0
-            else SSMBlock(hidden_size, mlp_ratio, self.grid, next(orders), d_state=d_state,
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, cross) if attn_every and (i + 1) % attn_every == 0
+            else SSMBlock(hidden_size, mlp_ratio, self.grid, next(orders), num_heads, cross, d_state=d_state,
                           head_dim=head_dim, expand=expand)
             for i in range(depth))
         init_backbone_(self.blocks)  # DiT's init already ran on the rest (zero output layer)
-        zero_(*(b.adaLN[-1] for b in self.blocks))  # adaLN-Zero: every block starts as the identity
+        # adaLN-Zero: every block starts as the identity
+        zero_(*(b.adaLN[-1] for b in self.blocks), *cross_outputs(self.blocks))
 
 
 @dataclass(frozen=True)
@@ -163,4 +170,4 @@ def build(m) -> SSMHybrid:
                      num_heads=m.num_heads or size.num_heads, num_classes=m.num_classes,
                      class_dropout=m.class_dropout, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                      attn_every=size.attn_every if m.attn_every < 0 else m.attn_every,
-                     d_state=size.d_state, head_dim=size.head_dim, flow_map=m.flow_map)
+                     d_state=size.d_state, head_dim=size.head_dim, flow_map=m.flow_map, text=text_spec(m))

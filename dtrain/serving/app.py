@@ -1,12 +1,13 @@
 """Ray Serve app: a FastAPI ingress in front of an autoscaling, batching sampler deployment.
 
-    POST /v1/generate  {model, version, allow_fallback, class_label, seed, num_images, sampler, steps,
-                        guidance} -> PNG images (base64), watermarked with the deployment's key and
-                        signed with a C2PA manifest of how each was made
+    POST /v1/generate  {model, version, allow_fallback, class_label | prompt (+ negative_prompt), seed,
+                        num_images, sampler, steps, guidance} -> PNG images (base64), watermarked with
+                        the deployment's key and signed with a C2PA manifest of how each was made
     POST /v1/jobs      the same body -> a job id at once; GET /v1/jobs/{id} its state and, when done, the
                        images; DELETE /v1/jobs/{id} cancels it; GET /v1/jobs/{id}/events streams progress
     POST /v1/detect    {image, model, version, steps} -> is the image watermarked with that key
-    GET  /v1/models    the registered models and versions: stage, lineage, default sampler and steps
+    GET  /v1/models    the registered models and versions: stage, lineage, conditioning (class or text,
+                       with its classes or prompt limits), default sampler and steps
     GET  /healthz      a real one-step sample on a sampler replica
     GET  /docs         Swagger UI, served from a package (works offline)
 
@@ -14,11 +15,11 @@ Deploy with `dtrain serve CHECKPOINT` (or `--models FILE`), or `serve run serve/
 path dtrain.serving.app:build_app, typed arguments dtrain.serving.config.ServeArgs). A replica needs
 only the checkpoints: no Ray Train, no DeepSpeed. Overload is answered with 503 and Retry-After, never a
 500; a missing or unknown token gets 401 before anything else, every invalid body a 422 naming the
-field. The input policy (`deny_classes`) refuses a request with 400 and a reason code before any
-compute; an optional response cache answers a repeated request (same version, parameters and seeds)
-with the same bytes, marked `X-Cache: hit`. Tenants (named by their bearer tokens) have image quotas
-(429 with Retry-After) and tiers: requests waiting for the samplers are admitted high tier first
-(dtrain.serving.tenancy).
+field. The input policy (`deny_classes`, `deny_words`, `deny_patterns`; dtrain.serving.policy) refuses
+a request with 400 and a reason code before any compute; an optional response cache answers a repeated
+request (same version, parameters, prompts and seeds) with the same bytes, marked `X-Cache: hit`.
+Tenants (named by their bearer tokens) have image quotas (429 with Retry-After) and tiers: requests
+waiting for the samplers are admitted high tier first (dtrain.serving.tenancy).
 
 The routes are functions, here and in dtrain.serving.job_routes (an APIRouter). Every /v1 route sits
 behind one security dependency that authorizes the caller and names its tenant, and reaches the ingress
@@ -48,7 +49,8 @@ from dtrain.serving.docs import serve_docs_offline
 from dtrain.serving.ingress import IngressReplica
 from dtrain.serving.jobs import JobBoard
 from dtrain.serving.sampler import Sampler, replica_gpus
-from dtrain.serving.schemas import DetectRequest, DetectResponse, GenerateRequest, GenerateResponse, Health
+from dtrain.serving.schemas import (MAX_PROMPT_CHARS, DetectRequest, DetectResponse, GenerateRequest,
+                                   GenerateResponse, Health)
 from dtrain.watermark import decode_for_model, key_for_serving
 
 logger = logging.getLogger("ray.serve")
@@ -61,7 +63,7 @@ class SafeJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-app = FastAPI(title="dtrain", description="Class-conditional image generation with a dtrain checkpoint",
+app = FastAPI(title="dtrain", description="Class- or text-conditional image generation with dtrain checkpoints",
               docs_url=None, redoc_url=None, default_response_class=SafeJSONResponse)
 serve_docs_offline(app)
 # Every route but /healthz: the caller is authorized (401 otherwise) before the route runs, once per request;
@@ -146,12 +148,16 @@ class Ingress(IngressReplica):
 
 
 def version_info(name: str, version: str, checkpoint: str) -> dict:
-    """What a client may know of one version: its stage and lineage, and its sampling defaults."""
+    """What a client may know of one version: its stage and lineage, what it is conditioned on (a class
+    model's class count; a text model's prompt limits: characters taken, tokens read) and its sampling
+    defaults."""
     cfg, meta = read_config(checkpoint), read_meta(checkpoint)
-    s = cfg.sample
+    s, m = cfg.sample, cfg.model
+    cond = ({"num_classes": m.num_classes} if m.conditioning == "class"
+            else {"max_prompt_chars": MAX_PROMPT_CHARS, "max_tokens": m.max_tokens})
     return {"model": name, "version": version, "checkpoint": checkpoint, "stage": meta.get("stage", "pretrain"),
-            "parent": meta.get("parent"), "teacher": meta.get("teacher"), "num_classes": cfg.model.num_classes,
-            "image_size": cfg.model.image_size, "channels": cfg.model.in_channels, "flow_map": cfg.model.flow_map,
+            "parent": meta.get("parent"), "teacher": meta.get("teacher"), "conditioning": str(m.conditioning),
+            **cond, "image_size": cfg.model.image_size, "channels": cfg.model.in_channels, "flow_map": cfg.model.flow_map,
             "latent": isinstance(meta.get("latents"), dict),
             "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}}
 

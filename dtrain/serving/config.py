@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dtrain import storage
 from dtrain.checkpoint import checkpoint_uri, resolve
+from dtrain.serving.policy import compile_rules
 
 
 class _Strict(BaseModel):
@@ -103,13 +104,20 @@ class ServeArgs(_Strict):
     watermark_key_file: Optional[str] = Field(None, description="the watermark key, 64 hex digits; default "
                                                                 "~/.config/dtrain/watermark.key, created on first use")
     provenance: bool = Field(True, description="sign every served PNG with a C2PA manifest (model, version, stage, "
-                                               "lineage, sampler, steps, seed, watermark key id)")
+                                               "lineage, sampler, steps, seed, class or prompt and negative "
+                                               "prompt, watermark key id)")
     provenance_cert_chain: Optional[str] = Field(None, description="PEM certificate chain, signer first; default: "
                                                                    "test credentials made in ~/.config/dtrain/c2pa-test")
     provenance_key: Optional[str] = Field(None, description="the signer's unencrypted PEM private key")
     deny_classes: dict[str, list[int]] = Field(
         default_factory=dict, description="input policy: model name ('*': every model) -> class labels refused "
                                           "with 400 before any compute")
+    deny_words: list[str] = Field(default_factory=list, description="input policy: words (or phrases) refused in "
+                                                                    "a text model's prompt or negative_prompt, "
+                                                                    "whole words, any case, with 400")
+    deny_patterns: list[str] = Field(default_factory=list, description="input policy: Python regular expressions "
+                                                                       "refused where they match a prompt (searched, "
+                                                                       "case-insensitive), with 400")
     cache_entries: int = Field(0, ge=0, description="response cache per ingress replica (0: off): the same request "
                                                     "to the same version returns the same bytes without compute")
     cache_ttl_s: float = Field(600.0, gt=0, description="how long a cached response is served")
@@ -132,6 +140,7 @@ class ServeArgs(_Strict):
             raise ValueError("give either checkpoint (one model) or models (a registry), not both or neither")
         if (self.provenance_cert_chain is None) != (self.provenance_key is None):
             raise ValueError("give both provenance_cert_chain and provenance_key, or neither (test credentials)")
+        compile_rules(self.deny_words, self.deny_patterns)  # a bad rule fails at deploy, naming it
         if self.max_images > self.max_batch_images:
             raise ValueError(f"max_images {self.max_images} > max_batch_images {self.max_batch_images}: "
                              "a request must fit in one batch")

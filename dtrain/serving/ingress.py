@@ -25,6 +25,7 @@ from dtrain.serving.auth import BearerAuth
 from dtrain.serving.config import ServeArgs, TenantPolicy
 from dtrain.serving.metrics import IngressMetrics
 from dtrain.serving.planning import Plan, PlanError
+from dtrain.serving.policy import InputPolicy
 from dtrain.serving.schemas import GenerateRequest, GenerateResponse
 from dtrain.serving.tenancy import PriorityGate, Quotas
 
@@ -48,6 +49,7 @@ class IngressReplica:
         self.cache = TTLCache(args.cache_entries, args.cache_ttl_s) if args.cache_entries else None
         self.gate = PriorityGate(args.admit_images or args.images_held())
         self.quotas = Quotas()
+        self.policy = InputPolicy(args.deny_classes, args.deny_words, args.deny_patterns)
         logger.info(f"ingress for {sorted(catalog)}: auth {'on' if self.auth.enabled else 'off'}, "
                     f"watermark {self.key_id or 'off'}, provenance {'signed' if signer else 'off'}")
 
@@ -111,14 +113,15 @@ class IngressReplica:
                                              f"after {wait} s"}, {"Retry-After": str(wait)})
 
     def check_policy(self, req: GenerateRequest) -> None:
-        """The input policy, before routing or any compute: a denied class is refused with 400 and a
-        reason code, counted, and logged with what was refused only (never the token or the body)."""
+        """The input policy (dtrain.serving.policy), before routing or any compute: a denied class or
+        prompt is refused with 400 and a reason code, counted, and logged with the field and the rule
+        that refused it only (never the token, the prompt or the body)."""
         name = req.model or next(iter(self.specs))
-        denied = {*self.args.deny_classes.get("*", ()), *self.args.deny_classes.get(name, ())}
-        if req.class_label in denied:
-            logger.info(f"refused: model {name!r}, class {req.class_label}: denied_class")
-            raise self.refuse(400, "denied_class", {"code": "denied_class",
-                                                    "message": f"class {req.class_label} of {name} is not served"})
+        refusal = self.policy.check(name, req)
+        if refusal is not None:
+            logger.info(f"refused: model {name!r}, {refusal.field} by {refusal.rule}: {refusal.code}")
+            raise self.refuse(400, refusal.code, {"code": refusal.code, "field": refusal.field,
+                                                  "message": refusal.message})
 
     def plan(self, req: GenerateRequest) -> Plan:
         """Route and check a request against the version that will serve it (dtrain.serving.planning),
@@ -147,6 +150,7 @@ class IngressReplica:
             plan = self.plan(req)
             self.check_quota(tenant, len(plan.job.seeds))
             # everything the bytes depend on: the version's checkpoint and every generation parameter
+            # (the job: class or prompt and negative prompt, seeds, sampler, steps, guidance)
             key = (self.args.models[plan.name].versions[plan.version], plan.fallback, plan.job, self.key_id)
             if self.cache is not None:
                 hit = self.cache.get(key)
@@ -171,7 +175,7 @@ class IngressReplica:
             signing = time.perf_counter()
             how = {"model": plan.name, "version": plan.version, "stage": info["stage"],
                    "lineage": {"parent": info["parent"], "teacher": info["teacher"]}, "sampler": job.sampler,
-                   "steps": job.steps, "guidance": job.guidance, "class_label": job.class_label,
+                   "steps": job.steps, "guidance": job.guidance, **condition_record(job),
                    "watermark_key_id": self.key_id}
             pngs = await asyncio.to_thread(lambda: [self.signer.sign_png(png, {**how, "seed": seed}, f"dtrain {plan.name}")
                                                     for png, seed in zip(pngs, job.seeds)])
@@ -181,6 +185,15 @@ class IngressReplica:
         self.metrics.stage_seconds.observe(done - encoding, tags={"stage": "encode"})
         self.metrics.stage_seconds.observe(done - started, tags={"stage": "total"})
         return GenerateResponse(model=plan.name, version=plan.version, stage=info["stage"], fallback=plan.fallback,
-                                class_label=job.class_label, sampler=job.sampler, steps=job.steps,
+                                class_label=job.class_label, prompt=job.prompt,
+                                negative_prompt=job.negative_prompt, sampler=job.sampler, steps=job.steps,
                                 guidance=job.guidance, nfe=nfe(job.sampler, job.steps, job.guidance),
                                 seeds=list(job.seeds), watermark_key_id=self.key_id, images=pngs)
+
+
+def condition_record(job: planning.Job) -> dict:
+    """What an image was conditioned on, for its provenance record: a class model's class_label, or a
+    text model's prompt and, where one was given, its negative prompt."""
+    if job.prompt is None:
+        return {"class_label": job.class_label}
+    return {"prompt": job.prompt, **({} if job.negative_prompt is None else {"negative_prompt": job.negative_prompt})}

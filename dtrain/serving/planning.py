@@ -19,12 +19,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Job:
-    """One request as the sampler sees it."""
-    class_label: int
+    """One request as the sampler sees it: a class model's class_label, or a text model's prompt (and
+    negative prompt, None: the empty one). Every field is part of the response cache's key."""
+    class_label: Optional[int]
     seeds: tuple[int, ...]
     sampler: str
     steps: int
     guidance: float
+    prompt: Optional[str] = None
+    negative_prompt: Optional[str] = None
     job_id: Optional[str] = None  # an asynchronous job (dtrain.serving.jobs): cancellable between steps
 
     @property
@@ -95,12 +98,31 @@ def plan(req: GenerateRequest, specs: Mapping[str, ModelSpec], catalog: Mapping[
     sampler = req.sampler or d["sampler"]
     steps = specs[name].fallback.steps if fallback else (req.steps or d["steps"])
     guidance = d["guidance"] if req.guidance is None else req.guidance
-    for ok, field, msg in ((req.class_label < info["num_classes"], "class_label", f"must be < {info['num_classes']}"),
-                           (misfit(sampler, info["flow_map"]) is None, "sampler",
+    condition_misfit(req, info, f"{name}/{version}")
+    for ok, field, msg in ((misfit(sampler, info["flow_map"]) is None, "sampler",
                             f"{sampler} needs a flow-map model; {name}/{version} predicts a velocity"),
                            (steps <= max_steps, "steps", f"must be <= {max_steps}"),
                            (req.num_images <= max_images, "num_images", f"must be <= {max_images}")):
         if not ok:
             raise PlanError(field, msg)
     seeds = tuple(range(req.seed, req.seed + req.num_images))
-    return Plan(name, version, fallback, info, Job(req.class_label, seeds, sampler, steps, guidance))
+    return Plan(name, version, fallback, info, Job(req.class_label, seeds, sampler, steps, guidance, req.prompt,
+                                                   req.negative_prompt))
+
+
+def condition_misfit(req: GenerateRequest, info: Mapping, model_id: str) -> None:
+    """A class model takes a class_label (below its class count) and no prompt; a text model a prompt
+    and no class_label. PlanError naming the field otherwise."""
+    if info.get("conditioning", "class") == "text":
+        if req.class_label is not None:
+            raise PlanError("class_label", f"{model_id} is text-conditioned: give prompt, not class_label")
+        if req.prompt is None:
+            raise PlanError("prompt", f"required: {model_id} is text-conditioned")
+        return
+    for field in ("prompt", "negative_prompt"):
+        if getattr(req, field) is not None:
+            raise PlanError(field, f"{model_id} is class-conditional: give class_label, not {field}")
+    if req.class_label is None:
+        raise PlanError("class_label", f"required: {model_id} is class-conditional (0..{info['num_classes'] - 1})")
+    if req.class_label >= info["num_classes"]:
+        raise PlanError("class_label", f"must be < {info['num_classes']}")

@@ -1,6 +1,7 @@
 """The sampler deployment: one checkpoint's network on a replica's device, fed by dynamic batches
 counted in images. Requests in one batch that differ in sampler, steps or guidance run as separate
-model calls and are scattered back in order; a sample depends on its seed alone, never on its batch."""
+model calls and are scattered back in order; requests that differ in class or prompt share a call
+(the condition is per row); a sample depends on its seed alone, never on its batch."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,9 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from dtrain.checkpoint import load_model, read_meta
+from dtrain.checkpoint import load_model, read_meta, read_tokenizer
 from dtrain.diffusion.samplers import nfe
-from dtrain.generation import image_shape, render
+from dtrain.generation import conditions, image_shape, render
 from dtrain.images import to_uint8
 from dtrain.precision import DTYPES, choose
 from dtrain.runtime import pin_threads
@@ -36,11 +37,26 @@ def images_in(jobs: list[Job]) -> int:
 
 @dataclass
 class Loaded:
-    """A checkpoint's network on this replica's device, cast once to the precision it runs in."""
+    """A checkpoint's network on this replica's device, cast once to the precision it runs in, and a
+    text model's tokenizer (JSON; None for a class model, or a text model with a frozen encoder)."""
     net: torch.nn.Module
     cfg: object
     meta: dict
     precision: str
+    tokenizer: Optional[str] = None
+
+
+def condition(m: Loaded, jobs: list[Job]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The condition of one model call, a row per image of `jobs` in order: class labels [B], or a text
+    model's prompt ids [B, L] and its negative prompts' ids [B, L] (None where no job has one; the
+    empty prompt, the null condition, for the jobs without one where another has)."""
+    per_image = lambda f: [f(j) for j in jobs for _ in j.seeds]  # noqa: E731
+    if m.cfg.model.conditioning != "text":
+        return torch.tensor(per_image(lambda j: j.class_label), dtype=torch.long), None
+    cond = conditions(m.cfg, m.tokenizer, per_image(lambda j: j.prompt))
+    if all(j.negative_prompt is None for j in jobs):
+        return cond, None
+    return cond, conditions(m.cfg, m.tokenizer, per_image(lambda j: j.negative_prompt or ""))
 
 
 @serve.deployment(graceful_shutdown_timeout_s=60, health_check_period_s=10, health_check_timeout_s=60)
@@ -67,8 +83,9 @@ class Sampler:
         replica that cannot sample (a missing VAE, a bad device) fails then, not per request."""
         start = time.perf_counter()
         m = await self.model(self.default_model)
-        x = await asyncio.to_thread(render, m.net, m.cfg, m.meta, torch.zeros(1, dtype=torch.long), [0], 1, 1.0,
-                                    m.precision)
+        text = m.cfg.model.conditioning == "text"
+        cond = conditions(m.cfg, m.tokenizer, [""]) if text else torch.zeros(1, dtype=torch.long)
+        x = await asyncio.to_thread(render, m.net, m.cfg, m.meta, cond, [0], 1, 1.0, m.precision)
         if not torch.isfinite(x).all():
             raise RuntimeError("the one-step probe sample is not finite")
         return {"device": self.device, "precision": m.precision, "probe_ms": 1000 * (time.perf_counter() - start)}
@@ -78,12 +95,12 @@ class Sampler:
         if model_id not in self.checkpoints:
             raise KeyError(f"unknown model {model_id!r}")
         net, cfg = load_model(self.checkpoints[model_id])
-        meta = read_meta(self.checkpoints[model_id])
+        meta, tokenizer = read_meta(self.checkpoints[model_id]), read_tokenizer(self.checkpoints[model_id])
         choice = choose(self.precision, self.device)
         net.to(device=self.device, dtype=DTYPES[choice.precision])  # once, so render() never copies per batch
         logger.info(f"sampler: {model_id} ({self.checkpoints[model_id]}) on {self.device}, images "
                     f"{image_shape(cfg, meta)}, precision {choice.precision} ({choice.reason}), {self.threads} thread(s)")
-        return Loaded(net, cfg, meta, choice.precision)
+        return Loaded(net, cfg, meta, choice.precision, tokenizer)
 
     def reconfigure(self, user_config: dict) -> None:
         """Live settings (no restart): images per batch and the wait to fill one."""
@@ -110,14 +127,15 @@ class Sampler:
         for i, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(i)
         for (sampler, steps, guidance), idx in groups.items():
-            labels = torch.cat([torch.full((len(jobs[i].seeds),), jobs[i].class_label) for i in idx])
+            cond, negative = condition(m, [jobs[i] for i in idx])
             seeds = [s for i in idx for s in jobs[i].seeds]
             rows = (LiveRows([(jobs[i].job_id, len(jobs[i].seeds)) for i in idx])
                     if self.board is not None and any(jobs[i].job_id for i in idx) else None)
             # in a thread: the replica's event loop keeps taking requests (the next batch fills
             # while this one computes), answering health checks and taking the jobs' cancellations
-            compute = asyncio.ensure_future(asyncio.to_thread(render, m.net, m.cfg, m.meta, labels, seeds, steps,
-                                                              guidance, m.precision, sampler, self.watermark, rows))
+            compute = asyncio.ensure_future(asyncio.to_thread(render, m.net, m.cfg, m.meta, cond, seeds, steps,
+                                                              guidance, m.precision, sampler, self.watermark, rows,
+                                                              negative))
             watcher = rows and asyncio.ensure_future(watch_while(self.board, rows, compute))
             try:
                 images = to_uint8(await compute)

@@ -1,15 +1,32 @@
 """HTTP request and response bodies. Every field is bounded here; bounds that depend on the loaded
-model or the deployment (class count, step and image limits) are checked by the ingress. Both give
-422 naming the field."""
+model or the deployment (class count, conditioning, step and image limits) are checked by the
+ingress. Both give 422 naming the field."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+import unicodedata
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from dtrain.diffusion.samplers import SAMPLERS
 
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+MAX_PROMPT_CHARS = 300  # several captions' worth (a text model reads model.max_tokens tokens); keeps bodies small
+
+
+def printable(text: str) -> str:
+    """Text of letters, marks, numbers, punctuation, symbols and spaces only. Control, format
+    (zero-width, bidi overrides), surrogate, private-use and unassigned characters and line breaks are
+    refused: they hide words from the input policy and mean nothing to a tokenizer. The message names
+    the position and code point, never the text (it may not even be encodable)."""
+    for i, ch in enumerate(text):
+        kind = unicodedata.category(ch)
+        if kind[0] == "C" or kind in ("Zl", "Zp"):
+            raise ValueError(f"character {i} (U+{ord(ch):04X}) is not printable text")
+    return text
+
+
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(printable)]
 
 
 class GenerateRequest(BaseModel):
@@ -19,7 +36,13 @@ class GenerateRequest(BaseModel):
     version: Optional[str] = Field(None, max_length=128,
                                    description="Version of that model; default: its default (or a canary share)")
     allow_fallback: bool = Field(False, description="Under load, accept the model's registered few-step fallback")
-    class_label: int = Field(ge=0, le=100_000, description="Class to generate, 0..num_classes-1")
+    class_label: Optional[int] = Field(None, ge=0, le=100_000,
+                                       description="A class model's class to generate, 0..num_classes-1")
+    prompt: Optional[Prompt] = Field(None, description=f"A text model's prompt: printable text, at most "
+                                     f"{MAX_PROMPT_CHARS} characters; tokens past the model's max_tokens are "
+                                     "not read; \"\": unconditional")
+    negative_prompt: Optional[Prompt] = Field(None, description="A text model's negative prompt: what guidance "
+                                              "steers away from (default: the empty prompt)")
     seed: int = Field(0, ge=0, lt=2**62, description="Image i uses seed + i: same seed, same image")
     num_images: int = Field(1, ge=1, le=1024, description="Images to generate (the deployment's max_images bounds it)")
     sampler: Optional[Sampler] = Field(None, description="ODE or consistency sampler; default: the checkpoint's")
@@ -33,7 +56,9 @@ class GenerateResponse(BaseModel):
     version: str = Field(description="Version of that model that served the request")
     stage: str = Field(description="Training stage of the checkpoint: pretrain, reflow, distill")
     fallback: bool = Field(description="Whether the spike fallback served this request")
-    class_label: int
+    class_label: Optional[int] = Field(None, description="A class model's class")
+    prompt: Optional[str] = Field(None, description="A text model's prompt")
+    negative_prompt: Optional[str] = Field(None, description="A text model's negative prompt, if given")
     sampler: str
     steps: int
     guidance: float

@@ -14,8 +14,9 @@ from pathlib import Path
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from dtrain.checkpoint import CheckpointError, read_config, read_meta, resolve
+from dtrain.checkpoint import CheckpointError, read_config, read_meta, read_tokenizer, resolve
 from dtrain.config import Config, ConfigError, to_dict, to_yaml
+from dtrain.data.captions import TOKENIZER_FILE, caption_corpus, from_json, read_tokenizer_file, tokenizer_for
 from dtrain.data.latents import latents_meta
 from dtrain.data.shards import absolute_urls, expand_urls
 from dtrain.runtime import ensure_ray
@@ -23,7 +24,7 @@ from dtrain.storage import is_uri, local_run_dir
 from dtrain.train.control import clear_stop, request_stop, stop_requested
 from dtrain.train.deepspeed_glue import deepspeed_config, prebuild_cpu_ops
 from dtrain.train.loop import train_func
-from dtrain.train.stages import stage_kind
+from dtrain.train.stages import parent_of, stage_kind
 
 
 class Interrupted(Exception):
@@ -115,6 +116,58 @@ def check_resumable(cfg: Config) -> None:
                           f"({'; '.join(changed)}): give this model a new train.run_name, or remove {out}")
 
 
+def run_tokenizer(cfg: Config, out: Path) -> str | None:
+    """A text model's tokenizer (JSON) for this run, kept in the run directory: model.tokenizer's file if
+    given; else the one the run already has (a resumed run encodes as it began); else its parent's (a later
+    stage must read token ids as its parent did); else one trained on the training shards' captions."""
+    m = cfg.model
+    if m.conditioning != "text" or m.text_encoder:  # a frozen encoder brings its own tokenizer
+        return None
+    kept = out / TOKENIZER_FILE
+    parent = parent_of(cfg)
+    if m.tokenizer:
+        text = read_tokenizer_file(m.tokenizer)
+    elif kept.is_file():
+        text = kept.read_text()
+    elif parent:
+        text = read_tokenizer(resolve(parent))
+        if text is None:
+            raise ConfigError(f"stage parent {parent} is a class model: a text stage needs a text parent")
+    else:
+        text = tokenizer_for(cfg.data.train_shards, m.vocab_size).to_str()
+    size = from_json(text).get_vocab_size()
+    if size > m.vocab_size:
+        raise ConfigError(f"model.vocab_size: {m.vocab_size} is less than the tokenizer's {size} tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    kept.write_text(text)
+    return text
+
+
+def with_text_encoder(cfg: Config) -> Config:
+    """cfg with model.text_embed_dim read from its frozen text encoder's config, where it has one unset."""
+    m = cfg.model
+    if m.conditioning != "text" or not m.text_encoder or m.text_embed_dim:
+        return cfg
+    from dtrain.data.text_encoders import embed_dim
+
+    return replace(cfg, model=replace(m, text_embed_dim=embed_dim(m.text_encoder)))
+
+
+def grid_prompts(cfg: Config, n: int = 6) -> list[str] | None:
+    """The first `n` distinct captions of the validation shards (else the training shards): the prompts
+    of a text model's sample grids."""
+    if cfg.model.conditioning != "text":
+        return None
+    for urls in (cfg.data.val_shards, cfg.data.train_shards):
+        try:
+            prompts = list(dict.fromkeys(caption_corpus(urls, 50 * n)))[:n]
+        except (OSError, ValueError):
+            continue
+        if prompts:
+            return prompts
+    return None
+
+
 def check_devices(cfg: Config) -> None:
     """A local run with scaling.use_gpu=true needs a CUDA device here; without one Ray would wait for
     GPUs that never come. On a cluster (scaling.address) the workers' nodes have them, not the driver."""
@@ -130,6 +183,7 @@ def fit(cfg: Config) -> Path | str:
     checkpoint directory (its URI where train.storage_path is one). Raises Interrupted when a signal
     stopped the run after a checkpoint."""
     s = cfg.scaling
+    cfg = with_text_encoder(cfg)
     kind = stage_kind(cfg)
     kind.check(cfg)  # config errors here, not in a worker
     check_devices(cfg)
@@ -147,11 +201,13 @@ def fit(cfg: Config) -> Path | str:
     check_resumable(cfg)
     out = run_dir(cfg)
     clear_stop(out)  # a request left by an earlier run is not this run's
+    tokenizer = run_tokenizer(cfg, out)
     ensure_ray(s.address, s.num_workers * s.cpus_per_worker)
     trainer = (TorchTrainer if s.address else LocalTorchTrainer)(
         train_func,
         # the stage's class travels with the config: a kind registered outside dtrain needs no import there
-        train_loop_config={"yaml": to_yaml(cfg), "run_dir": str(out), "latents": latents, "stage_kind": kind},
+        train_loop_config={"yaml": to_yaml(cfg), "run_dir": str(out), "latents": latents, "stage_kind": kind,
+                           "tokenizer": tokenizer, "prompts": grid_prompts(cfg)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),

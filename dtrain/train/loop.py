@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from dtrain import checkpoint as ckpt_io
 from dtrain.config import from_yaml, to_dict
+from dtrain.data.captions import caption_encoder
 from dtrain.data.shards import CorruptShards, DataError, load_images
 from dtrain.generation import grid_from_weights
 from dtrain.models import build_model, count_params
@@ -108,7 +109,11 @@ def train_func(cfg_dict: dict) -> None:
     corrupt = CorruptShards(fail=cfg.data.on_corrupt == "fail")
     # skip as many samples as were consumed, counted in batches at this run's worker count
     batches = stage.batches(cfg, rank, world, samples_seen // (cfg.data.batch_size * world), corrupt)
-    val = _val_split(cfg.data.val_shards, rank, world) if t.val_every else None
+    tokenizer = cfg_dict.get("tokenizer")  # a text model's (JSON, resolved by the driver): captions -> token ids
+    encoder = caption_encoder(cfg.model, tokenizer) if cfg.model.conditioning == "text" else None
+    if encoder is not None:  # captions -> ids or embeddings (precomputed embeddings arrive as a tensor)
+        batches = (b if isinstance(b["cond"], torch.Tensor) else {**b, "cond": encoder(b["cond"])} for b in batches)
+    val = _val_split(cfg.data.val_shards, rank, world, encoder) if t.val_every else None
     progress = Progress(rank, start, t.steps)
     drill_step = t.fault_drill_step if rank == world - 1 else 0  # in a fault drill the last rank dies
     control = StepControl(run_dir, t.ckpt_every_minutes, rank, engine.device)
@@ -168,13 +173,15 @@ def train_func(cfg_dict: dict) -> None:
                             "weights": "ema", "ema_decay": t.ema_decay, "world_size": world, "zero_stage": t.zero_stage,
                             "precision": precision.precision, "precision_reason": precision.reason,
                             "latents": cfg_dict.get("latents"), "interrupted": stop and done < t.steps}
-                    ckpt_io.write_inference_files(tmp, weights, cfg, meta)
+                    ckpt_io.write_inference_files(tmp, weights, cfg, meta, tokenizer)
                     if stage_state:
                         ckpt_io.write_stage_state(tmp, stage_state)
                     images = cfg.model.image_size > 1  # vector data (a mixture) has no image to show
                     if images and (done == t.steps or (cfg.tracking.sample_every and done % cfg.tracking.sample_every == 0)):
                         on_cpu = "fp32" if precision.precision == "fp16" else precision.precision  # drawn on the CPU
-                        tracker.log_image("samples", grid_from_weights(weights, cfg, meta, precision=on_cpu), done)
+                        tracker.log_image("samples", grid_from_weights(weights, cfg, meta, precision=on_cpu,
+                                                                       prompts=cfg_dict.get("prompts"),
+                                                                       tokenizer=tokenizer), done)
                 ray.train.report({"step": done}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"checkpoint_{done:08d}", checkpoint_upload_mode=upload,
                                  delete_local_checkpoint_after_upload=True)
@@ -190,10 +197,12 @@ def train_func(cfg_dict: dict) -> None:
     tracker.finish()
 
 
-def _val_split(urls: str, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _val_split(urls: str, rank: int, world: int, encoder=None) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the validation set; every rank gets as many samples (under ZeRO-3 each
-    forward pass is a collective, so all ranks must make the same number)."""
-    x, y = load_images(urls)
+    forward pass is a collective, so all ranks must make the same number). encoder: a text model's
+    captions -> token ids (None: class labels)."""
+    x, y = load_images(urls, captions=encoder is not None)
+    y = encoder(y) if isinstance(y, list) else y
     n = len(x) // world * world
     if n == 0:
         raise DataError(f"{urls} holds {len(x)} validation samples, fewer than the {world} workers")

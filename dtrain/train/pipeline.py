@@ -1,7 +1,9 @@
 """`dtrain pipeline FILE`: stages in order on one Ray cluster, each a Ray Train run that starts from
 its parent (the stage before, unless it names another), then every stage evaluated. Each stage's kind
 (dtrain.train.stages) checks its config and, in its prelude, binds what it needs: a reflow stage has its
-parent write its pairs, a distillation has its parent as its teacher.
+parent write its pairs, a distillation has its parent as its teacher. A stage is conditioned as its
+parent is (checked up front): a text stage (model.conditioning=text) takes its parent's tokenizer, and a
+text teacher's pairs carry the captions it was asked for (dtrain.train.pairs).
 
 Runs are `<storage>/<pipeline>-<stage>`; the pipeline's state, `<storage>/<pipeline>.pipeline.json`,
 records each finished stage's final checkpoint and is rewritten atomically after each one. Rerunning
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from dtrain import checkpoint as ckpt_io
 from dtrain import storage
-from dtrain.config import Config, ConfigError, PipelineConfig, StageSpec, current_stage_kind, load_config, read_pipeline
+from dtrain.config import (Config, ConfigError, ModelConfig, PipelineConfig, StageSpec, current_stage_kind, load_config,
+                           read_pipeline)
 from dtrain.runtime import ensure_ray
 from dtrain.train.stages import STAGES, PipelineStep, check_stage
 
@@ -29,6 +32,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     p = read_pipeline(path)
     p.overrides = [*p.overrides, *overrides]
     p.root = storage.absolute(stage_config(p, p.stages[0]).train.storage_path)
+    models: dict[str, ModelConfig] = {}  # stage name -> its model config
     for i, spec in enumerate(p.stages):
         try:
             if spec.kind == "distill":  # a pipeline file from before the kinds were split
@@ -38,10 +42,26 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
             if i == 0 and STAGES[spec.kind].needs_teacher:
                 raise ConfigError(f"stages[0].kind: {spec.kind} is taught by an earlier stage: it cannot come first")
             dry = PipelineStep(spec, parent="previous-stage" if i else None, root=p.root, pipeline=p.name, dry=True)
-            check_stage(stage_config(p, spec, STAGES[spec.kind].prelude(dry)))
+            cfg = stage_config(p, spec, STAGES[spec.kind].prelude(dry))
+            check_stage(cfg)
+            if i:
+                parent = spec.parent or p.stages[i - 1].name
+                _check_condition(cfg.model, models[parent], parent)
+            models[spec.name] = cfg.model
         except ConfigError as e:
             raise ConfigError(f"{path}: stage '{spec.name}': {e}") from None
     return p
+
+
+def _check_condition(model: ModelConfig, parent: ModelConfig, parent_name: str) -> None:
+    """A stage is conditioned as its parent is: a text stage reads token ids with its parent's tokenizer
+    (dtrain.train.driver.run_tokenizer), a class stage its parent's labels."""
+    if model.conditioning != parent.conditioning:
+        raise ConfigError(f"model.conditioning: {model.conditioning}, but its parent '{parent_name}' is conditioned "
+                          f"on {parent.conditioning}: a stage learns from its parent, so both must be the same")
+    if model.conditioning == "text" and model.tokenizer != parent.tokenizer:
+        raise ConfigError(f"model.tokenizer: a text stage encodes prompts with its parent's tokenizer; "
+                          f"'{model.tokenizer}' differs from parent '{parent_name}''s '{parent.tokenizer}'")
 
 
 def stage_config(pipeline: PipelineConfig, spec: StageSpec, extra: list[str] | tuple[str, ...] = ()) -> Config:

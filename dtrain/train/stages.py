@@ -34,6 +34,7 @@ from dtrain.diffusion.consistency import ConsistencyDistillation, intervals_at
 from dtrain.diffusion.flow import RectifiedFlowLoss
 from dtrain.diffusion.meanflow import MeanFlowLoss
 from dtrain.diffusion.parameterization import on_linear_path
+from dtrain.models import null_condition
 from dtrain.precision import in_precision
 from dtrain.train.pairs import generate_pairs, read_pairs_info, shard_urls
 
@@ -103,10 +104,12 @@ class Stage:
 
     # ---- in every worker: the loop ----
     def batches(self, cfg, rank: int, world: int, skip: int, on_corrupt: CorruptShards) -> Iterator[dict]:
-        """This rank's endless stream of batches {x, cond[, noise]} (see dtrain.data.shards)."""
+        """This rank's endless stream of batches {x, cond[, noise]} (see dtrain.data.shards); a text model's
+        cond is its captions (a list of str), which the loop encodes with the run's tokenizer."""
         d = cfg.data
         for x, y, *rest in train_batches(d.train_shards, rank, world, cfg.train.seed, d.batch_size, d.shuffle_buffer,
-                                         d.loader_workers, skip=skip, on_corrupt=on_corrupt):
+                                         d.loader_workers, skip=skip, on_corrupt=on_corrupt,
+                                         captions=cfg.model.conditioning == "text"):
             yield {"x": x, "cond": y, **({"noise": rest[0]} if rest else {})}
 
     def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None = None) -> None:
@@ -177,6 +180,10 @@ class Reflow(Stage):
     @classmethod
     def build(cls, cfg) -> Stage:
         info = read_pairs_info(cfg.data.train_shards)
+        text = cfg.model.conditioning == "text"
+        if text != bool(info.get("captions")):  # a class model on captioned pairs would train unconditionally
+            raise ConfigError(f"data.train_shards: pairs of a {'text' if info.get('captions') else 'class'} teacher "
+                              f"cannot train a {cfg.model.conditioning} model: model.conditioning must match the teacher's")
         k = int(info.get("teacher_reflow_k") or 1) + 1  # a pretrained flow is 1-rectified; each reflow adds one
         pairs = storage.parent(expand_urls(cfg.data.train_shards)[0])
         return cls(RectifiedFlowLoss(cfg.objective.time_sampling), parent=_parent(cfg),
@@ -207,10 +214,11 @@ class Distillation(Stage):
 
     def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None = None) -> None:
         from dtrain.models.layers import LabelEmbedder
+        from dtrain.models.text import TextEncoder
 
         self.cfg, self.engine = cfg, engine
-        for m in engine.module.modules():  # the objective drops labels itself, the same for every net
-            if isinstance(m, LabelEmbedder):
+        for m in engine.module.modules():  # the objective drops conditions itself, the same for every net
+            if isinstance(m, (LabelEmbedder, TextEncoder)):
                 m.dropout = 0.0
         self.teach(self._teacher(cfg, world, dtype), cfg, world, dtype, start, resume)
 
@@ -258,7 +266,7 @@ class ConsistencyDistill(Distillation):
         self.objective = ConsistencyDistillation(
             teacher=teacher_fn,
             target=in_precision(target, dtype),
-            null_label=cfg.model.num_classes, solver=st.teacher_solver, guidance=st.teacher_guidance,
+            null_label=null_condition(cfg.model), solver=st.teacher_solver, guidance=st.teacher_guidance,
             cond_dropout=cfg.model.class_dropout, intervals=intervals_at(start, cfg.train.steps, *st.intervals))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -295,7 +303,7 @@ class FlowMapDistill(Distillation):
 
     def teach(self, teacher_fn, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None) -> None:
         st = cfg.stage
-        self.objective = _mean_flow(cfg).distil_from(teacher_fn, st.teacher_guidance, cfg.model.num_classes,
+        self.objective = _mean_flow(cfg).distil_from(teacher_fn, st.teacher_guidance, null_condition(cfg.model),
                                                      cfg.model.class_dropout)
         _check_difference_precision(self.objective, cfg, dtype)
         self.lineage["jvp"] = self.objective.jvp
@@ -327,3 +335,8 @@ def _gathered(params: list):
 
 def _parent(cfg) -> str | None:
     return ckpt_io.locate(cfg.stage.init_from) if cfg.stage.init_from else None
+
+
+def parent_of(cfg) -> str | None:
+    """The checkpoint a stage starts from (init_from), else the one it learns from (its teacher)."""
+    return cfg.stage.init_from or cfg.stage.teacher
