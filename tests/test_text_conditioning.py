@@ -191,3 +191,24 @@ def test_cli_sample_writes_a_prompt_grid_and_refuses_classes_on_a_text_model(tmp
     assert "2 prompts x 3" in out.output and (tmp_path / "g.png").stat().st_size > 0
     bad = CliRunner().invoke(main, ["sample", str(tmp_path / "c"), "--classes", "1"])
     assert bad.exit_code != 0 and "--prompt" in bad.output
+
+
+@pytest.mark.parametrize("jvp", ["forward", "finite_difference"])
+def test_both_distillations_run_on_prompts_with_text_guidance(tok, jvp):
+    """Consistency and flow-map distillation of a text teacher: token-id conditions, the empty caption as the
+    guidance null, caption dropout shared by teacher and student; a gradient reaches the student's encoder."""
+    from dtrain.diffusion.consistency import ConsistencyDistillation
+    from dtrain.diffusion.meanflow import MeanFlowLoss
+
+    teacher = perturbed(build_model(text_cfg().model))
+    teacher_fn = lambda x, t, c: teacher(x, t, c)  # noqa: E731
+    batch = {"x": torch.randn(4, 1, 8, 8), "cond": encode(tok, CAPTIONS[:4], 8)}
+    student = build_model(text_cfg().model)
+    loss = ConsistencyDistillation(teacher_fn, teacher_fn, PAD_ID, guidance=2.0, cond_dropout=0.5)(student, batch)
+    loss.mean().backward()
+    assert torch.isfinite(loss).all() and student.text.table.weight.grad is not None
+    flow_map = build_model(text_cfg("model.flow_map=true", "objective.name=mean_flow").model)
+    objective = MeanFlowLoss(jvp=jvp).distil_from(teacher_fn, 2.0, PAD_ID, 0.5)
+    loss = objective(flow_map, batch)
+    loss.mean().backward()
+    assert torch.isfinite(loss).all() and flow_map.text.table.weight.grad is not None
