@@ -26,7 +26,6 @@ from dtrain.diffusion.parameterization import Denoiser
 from dtrain.diffusion import samplers
 from dtrain.diffusion.samplers import guided, initial_noise, sample, sampling_times
 from dtrain.images import captioned_grid, grid, to_uint8
-from dtrain.config import to_yaml
 from dtrain.data.captions import caption_encoder
 from dtrain.models import build_model, null_condition
 from dtrain.precision import DTYPES, in_precision
@@ -67,12 +66,8 @@ def _in_dtype(net: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return net if p.dtype == dtype else copy.deepcopy(net).to(dtype)
 
 
-@functools.lru_cache(maxsize=8)
-def _encoder(model_cfg_yaml: str, tokenizer: str | None):
-    """A replica encodes every request the same way: the tokenizer is parsed (an encoder loaded) once."""
-    from dtrain.config import from_yaml
-
-    return caption_encoder(from_yaml(model_cfg_yaml).model, tokenizer)
+# A replica encodes every request the same way: the tokenizer is parsed (an encoder loaded) once.
+_encoder = functools.lru_cache(maxsize=8)(caption_encoder)
 
 
 def conditions(cfg, tokenizer: str | None, prompts: list[str]) -> torch.Tensor:
@@ -81,7 +76,8 @@ def conditions(cfg, tokenizer: str | None, prompts: list[str]) -> torch.Tensor:
     if cfg.model.conditioning != "text":
         raise ValueError("prompts need a text model (model.conditioning=text); this one is conditioned on "
                          f"{cfg.model.conditioning} labels")
-    return _encoder(to_yaml(cfg), tokenizer)(list(prompts))
+    m = cfg.model
+    return _encoder(m.text_encoder, m.max_tokens, tokenizer)(list(prompts))
 
 
 def solve(net: torch.nn.Module, cfg, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,

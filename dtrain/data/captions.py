@@ -72,14 +72,14 @@ def read_tokenizer_file(path: str | Path) -> str:
     return text
 
 
-def caption_encoder(model_cfg, tokenizer: str | None) -> Callable[[list[str]], torch.Tensor]:
-    """captions -> a text model's condition: token ids by its tokenizer (JSON), or, over a frozen encoder
-    (model.text_encoder), that encoder's embeddings (dtrain.data.text_encoders)."""
-    if model_cfg.text_encoder:
+def caption_encoder(text_encoder: str, max_tokens: int, tokenizer: str | None) -> Callable[[list[str]], torch.Tensor]:
+    """captions -> a text model's condition (model.text_encoder, model.max_tokens): token ids by its tokenizer
+    (JSON), or, over a frozen encoder, that encoder's embeddings (dtrain.data.text_encoders)."""
+    if text_encoder:
         from dtrain.data.text_encoders import embed
 
-        return lambda texts: embed(model_cfg.text_encoder, texts, model_cfg.max_tokens)
+        return lambda texts: embed(text_encoder, texts, max_tokens)
     if tokenizer is None:
         raise DataError("a text model trained from scratch encodes captions with its tokenizer: none was given")
     tok = from_json(tokenizer)
-    return lambda texts: encode(tok, texts, model_cfg.max_tokens)
+    return lambda texts: encode(tok, texts, max_tokens)

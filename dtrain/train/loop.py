@@ -110,7 +110,8 @@ def train_func(cfg_dict: dict) -> None:
     # skip as many samples as were consumed, counted in batches at this run's worker count
     batches = stage.batches(cfg, rank, world, samples_seen // (cfg.data.batch_size * world), corrupt)
     tokenizer = cfg_dict.get("tokenizer")  # a text model's (JSON, resolved by the driver): captions -> token ids
-    encoder = caption_encoder(cfg.model, tokenizer) if cfg.model.conditioning == "text" else None
+    m = cfg.model
+    encoder = caption_encoder(m.text_encoder, m.max_tokens, tokenizer) if m.conditioning == "text" else None
     if encoder is not None:  # captions -> ids or embeddings (precomputed embeddings arrive as a tensor)
         batches = (b if isinstance(b["cond"], torch.Tensor) else {**b, "cond": encoder(b["cond"])} for b in batches)
     val = _val_split(cfg.data.val_shards, rank, world, encoder) if t.val_every else None
