@@ -333,12 +333,11 @@ def sample(checkpoint, out, classes, prompts, negative_prompt, per_class, steps,
     per --prompt with the prompt written beside it. A checkpoint trained on VAE latents is decoded
     through its VAE."""
     import torch
-    from PIL import Image
 
     from dtrain.checkpoint import load_model, read_meta, read_tokenizer
     from dtrain.diffusion.samplers import nfe
     from dtrain.generation import conditions, render
-    from dtrain.images import captioned_grid, save_grid, to_uint8
+    from dtrain.images import save_captioned_grid, save_grid
     from dtrain.precision import choose
 
     net, cfg = load_model(checkpoint)
@@ -365,12 +364,8 @@ def sample(checkpoint, out, classes, prompts, negative_prompt, per_class, steps,
     x = render(net, cfg, read_meta(checkpoint), cond, [seed + i for i in range(len(cond))], steps, guidance,
                choice.precision, sampler, negative=negative)
     factor = 4 if x.shape[-1] < 64 else 1  # upscale only tiny images (8-16 px digits) so they are visible
-    if m.conditioning == "text":
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(captioned_grid(to_uint8(x), rows, per_class, factor)).save(out)
-        written = out
-    else:
-        written = save_grid(x, out, ncol=per_class, factor=factor)
+    written = save_captioned_grid(x, out, rows, per_class, factor) if m.conditioning == "text" else \
+        save_grid(x, out, ncol=per_class, factor=factor)
     click.echo(f"wrote {written} ({len(rows)} {'prompts' if m.conditioning == 'text' else 'classes'} x {per_class}, "
                f"{sampler} {steps} steps, {nfe(sampler, steps, guidance)} network evaluations per image, "
                f"{choice.precision}: {choice.reason})")

@@ -52,6 +52,14 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def save_captioned_grid(x: torch.Tensor, path: str | Path, captions: list[str], ncol: int, factor: int = 4) -> Path:
+    """captioned_grid of images [B, C, H, W] in [-1, 1] written as a PNG (row r asked for with captions[r])."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(captioned_grid(to_uint8(x), captions, ncol, factor)).save(path)
+    return path
+
+
 def save_grid(x: torch.Tensor, path: str | Path, ncol: int, factor: int = 4) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

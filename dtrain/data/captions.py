@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-from dtrain.data.shards import DataError, expand_urls, tar_samples
+from dtrain.data.shards import DataError, caption_of, expand_urls, tar_samples
 from dtrain.models.text import PAD_ID
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -45,9 +45,13 @@ def encode(tok: Tokenizer, captions: list[str], max_tokens: int) -> torch.Tensor
 
 def caption_corpus(urls: str, limit: int | None = None) -> Iterator[str]:
     """The captions (txt) of the samples in `urls`, in order; samples without one are passed over."""
-    texts = (s.get("txt", b"").decode("utf-8", errors="replace").strip()
-             for s in itertools.chain.from_iterable(map(tar_samples, expand_urls(urls))))
+    texts = map(caption_of, itertools.chain.from_iterable(map(tar_samples, expand_urls(urls))))
     return itertools.islice((t for t in texts if t), limit)
+
+
+def distinct_captions(urls: str, n: int) -> list[str]:
+    """The first `n` distinct captions of `urls` (among their first 50 n): a text model's grid prompts."""
+    return list(dict.fromkeys(caption_corpus(urls, 50 * n)))[:n]
 
 
 def tokenizer_for(urls: str, vocab_size: int, limit: int = 200_000) -> Tokenizer:

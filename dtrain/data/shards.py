@@ -161,10 +161,15 @@ def decode_sample(sample: dict, captions: bool = False) -> tuple:
     return x, label
 
 
+def caption_of(sample: dict) -> str:
+    """A raw sample's caption (its txt, stripped; "" where it has none)."""
+    return sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+
+
 def _label(sample: dict, captions: bool = False) -> int | str:
     """`cls`, or -1 ("no class", embedded as the null label) for a sample with a caption instead; with
     `captions`, the caption itself, or its precomputed embeddings (emb.npy) where the sample has them."""
-    text = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+    text = caption_of(sample)
     if captions:
         if "emb.npy" in sample:  # a frozen text encoder's embeddings, precomputed (dtrain.data.text_encoders)
             return _array(sample["emb.npy"], "emb.npy")

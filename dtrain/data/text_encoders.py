@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 
 from dtrain import storage
-from dtrain.data.shards import DataError, encode_npy, expand_urls, tar_samples
+from dtrain.data.shards import DataError, caption_of, encode_npy, expand_urls, tar_samples
 
 EMBEDDINGS_FILE = "text_embeddings.json"
 
@@ -99,7 +99,7 @@ def embed_shards(urls: str, name: str, out: str | Path, max_tokens: int, batch_s
 def _write_embedded(sink, samples: list[dict], name: str, max_tokens: int) -> None:
     if not samples:
         return
-    texts = [s.get("txt", b"").decode("utf-8", errors="replace").strip() for s in samples]
+    texts = [caption_of(s) for s in samples]
     missing = [s["__key__"] for s, t in zip(samples, texts) if not t]
     if missing:
         raise DataError(f"samples {missing[:3]} of {samples[0].get('__url__')} have no caption (txt) to embed")

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 
 from dtrain.checkpoint import load_model, read_config, read_meta, read_tokenizer
 from dtrain.config import PipelineConfig
-from dtrain.data.captions import caption_corpus
+from dtrain.data.captions import distinct_captions
 from dtrain.eval.audit import audit_checkpoint, format_audit
 from dtrain.eval.digits import evaluate_checkpoint, format_table, plot_fd_vs_nfe
 from dtrain.eval.mixture import evaluate_mixture_checkpoint, mixture_spec
@@ -33,7 +32,7 @@ from dtrain.eval.mixture import format_table as mixture_table
 from dtrain.eval.shapes import eval_prompts, evaluate_shapes_checkpoint, shapes_world
 from dtrain.eval.shapes import format_table as shapes_table
 from dtrain.generation import conditions, render
-from dtrain.images import captioned_grid, save_grid, to_uint8
+from dtrain.images import save_captioned_grid, save_grid
 from dtrain.plots import Panel, panels
 from dtrain.tracking import log_eval
 from dtrain.storage import is_uri, local_run_dir, upload
@@ -46,7 +45,7 @@ def _grid_prompts(cfg, world: dict | None, n: int = 8) -> list[str]:
     compositions; else the first distinct captions of its validation shards."""
     if world is not None:
         return eval_prompts(n - 2, 2, world)[0]
-    return list(dict.fromkeys(caption_corpus(cfg.data.val_shards, 50 * n)))[:n] or [""]
+    return distinct_captions(cfg.data.val_shards, n) or [""]
 
 
 def _grids(ckpt: str, out: Path, stage: str, steps_list: list[int], sampler: str, per_class: int = 8) -> list[str]:
@@ -62,11 +61,7 @@ def _grids(ckpt: str, out: Path, stage: str, steps_list: list[int], sampler: str
     for steps in sorted({min(steps_list), max(steps_list)}):
         x = render(net, cfg, meta, cond, list(range(len(cond))), steps, cfg.sample.guidance, "fp32", sampler)
         path = out / f"{stage}-{sampler}-{steps}steps.png"
-        if text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(captioned_grid(to_uint8(x), prompts, per_class)).save(path)
-        else:
-            save_grid(x, path, ncol=per_class)
+        save_captioned_grid(x, path, prompts, per_class) if text else save_grid(x, path, ncol=per_class)
         paths.append(str(path))
     return paths
 

@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from dtrain.checkpoint import read_meta, read_tokenizer, resolve
 from dtrain.data.shapes import (HELD_OUT, META_FILE, NUM_CLASSES, Seen, Wanted, article, caption, class_name,
                                 class_of, parse_caption, read_meta as read_world, render, scene_rng, split_scene)
-from dtrain.data.shards import MissingField, decode_sample, expand_urls, tar_samples
+from dtrain.data.shards import MissingField, caption_of, decode_sample, expand_urls, tar_samples
 from dtrain.diffusion.samplers import nfe
 from dtrain.eval import eval_seeds
 from dtrain.eval.digits import _cached_model, _eval_chunk, as_stored
@@ -280,7 +280,7 @@ def load_captioned(urls: str, limit: int | None = None) -> tuple[torch.Tensor, l
     """Images [N, C, H, W] in [-1, 1] and their captions from shards of (image, txt) samples."""
     xs, texts = [], []
     for sample in itertools.chain.from_iterable(map(tar_samples, expand_urls(urls))):
-        text = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+        text = caption_of(sample)
         if not text:
             raise MissingField(f"sample {sample.get('__key__')} of {sample.get('__url__')} has no caption (txt): "
                                "scoring needs the caption each image was asked for")

@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from dtrain.checkpoint import CheckpointError, read_config, read_meta, read_tokenizer, resolve
 from dtrain.config import Config, ConfigError, to_dict, to_yaml
-from dtrain.data.captions import TOKENIZER_FILE, caption_corpus, from_json, read_tokenizer_file, tokenizer_for
+from dtrain.data.captions import TOKENIZER_FILE, distinct_captions, from_json, read_tokenizer_file, tokenizer_for
 from dtrain.data.latents import latents_meta
 from dtrain.data.shards import absolute_urls, expand_urls
 from dtrain.runtime import ensure_ray
@@ -160,7 +160,7 @@ def grid_prompts(cfg: Config, n: int = 6) -> list[str] | None:
         return None
     for urls in (cfg.data.val_shards, cfg.data.train_shards):
         try:
-            prompts = list(dict.fromkeys(caption_corpus(urls, 50 * n)))[:n]
+            prompts = distinct_captions(urls, n)
         except (OSError, ValueError):
             continue
         if prompts:
