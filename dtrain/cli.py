@@ -328,10 +328,19 @@ def score(shards, world_dir, limit, as_json):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32", "fp16"]),
               help="Network precision; auto = bf16 only where this CPU runs it natively.")
-def sample(checkpoint, out, classes, prompts, negative_prompt, per_class, steps, sampler, guidance, seed, precision):
+@click.option("--regions", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Region control: a JSON or YAML file {background: {prompt | class_label}, objects: [{prompt | "
+                   "class_label, box: [x0, y0, x1, y1]}]} (boxes in image fractions, at most 8 objects); "
+                   "--per-class images of it in one row.")
+@click.option("--region-method", default="multidiffusion", show_default=True,
+              type=click.Choice(["multidiffusion", "attention"]),
+              help="With --regions: blend per-region predictions in their boxes (one evaluation per region), or "
+                   "restrict each object's cross-attention to its box (text models, one evaluation).")
+def sample(checkpoint, out, classes, prompts, negative_prompt, per_class, steps, sampler, guidance, seed, precision,
+           regions, region_method):
     """Write a grid of samples from CHECKPOINT (or a run dir): a row per class, or for a text model a row
-    per --prompt with the prompt written beside it. A checkpoint trained on VAE latents is decoded
-    through its VAE."""
+    per --prompt with the prompt written beside it; with --regions a row of images of one region spec. A
+    checkpoint trained on VAE latents is decoded through its VAE."""
     import torch
 
     from dtrain.checkpoint import load_model, read_meta, read_tokenizer
@@ -346,6 +355,9 @@ def sample(checkpoint, out, classes, prompts, negative_prompt, per_class, steps,
     guidance = s.guidance if guidance is None else guidance
     choice = choose(precision, "cpu")
     negative = None
+    if regions:
+        return _sample_regions(checkpoint, net, cfg, out, classes, prompts, negative_prompt, per_class, steps, sampler,
+                               guidance, seed, choice, regions, region_method)
     if m.conditioning == "text":
         if classes is not None or not prompts:
             raise UserError("this is a text model: give --prompt (repeatable), not --classes")
@@ -368,6 +380,26 @@ def sample(checkpoint, out, classes, prompts, negative_prompt, per_class, steps,
         save_grid(x, out, ncol=per_class, factor=factor)
     click.echo(f"wrote {written} ({len(rows)} {'prompts' if m.conditioning == 'text' else 'classes'} x {per_class}, "
                f"{sampler} {steps} steps, {nfe(sampler, steps, guidance)} network evaluations per image, "
+               f"{choice.precision}: {choice.reason})")
+
+
+def _sample_regions(checkpoint, net, cfg, out, classes, prompts, negative_prompt, per_class, steps, sampler, guidance,
+                    seed, choice, regions, method):
+    """`dtrain sample --regions FILE`: per_class images of the file's region spec in one row."""
+    from dtrain.checkpoint import read_meta, read_tokenizer
+    from dtrain.images import save_grid
+    from dtrain.regions import load_regions, region_nfe, render_regions
+
+    if classes is not None or prompts:
+        raise UserError("--regions: the file holds the prompts or class labels; give no --classes or --prompt")
+    spec = load_regions(regions)  # a RegionError (a DtrainError) names the field and ends the command
+    text = cfg.model.conditioning == "text"
+    x = render_regions(net, cfg, read_meta(checkpoint), spec, [seed + i for i in range(per_class)], steps, guidance,
+                       choice.precision, sampler, method, tokenizer=read_tokenizer(checkpoint) if text else None,
+                       negative=negative_prompt if text and negative_prompt else None)
+    written = save_grid(x, out, ncol=per_class, factor=4 if x.shape[-1] < 64 else 1)
+    click.echo(f"wrote {written} ({per_class} images, {1 + len(spec.objects)} regions by {method}, {sampler} {steps} "
+               f"steps, {region_nfe(spec, sampler, steps, guidance, method)} network evaluations per image, "
                f"{choice.precision}: {choice.reason})")
 
 

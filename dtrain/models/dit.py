@@ -76,8 +76,14 @@ class DiT(nn.Module):
                 s: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, H, W], t [B] in [0, 1], cond [B] class labels or [B, L] token ids -> [B, C, H, W]; a
         flow map also takes the time s [B] it jumps to (None: s = t, its velocity)."""
-        h = self.x_embed(x) + self.pos_embed.to(x.dtype)  # [B, N, D]
         y, context = self.condition(cond)
+        return self.forward_conditioned(x, t, y, context, s)
+
+    def forward_conditioned(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, context: Context | None,
+                            s: torch.Tensor | None = None) -> torch.Tensor:
+        """forward on a condition already built (`condition`'s vector y [B, D] and caption context): the
+        seam regional attention (dtrain.regions) uses to hand the blocks a context of its own."""
+        h = self.x_embed(x) + self.pos_embed.to(x.dtype)  # [B, N, D]
         c = self.t_embed(t) + y + span_condition(self, t, s)  # [B, D]
         for block in self.blocks:
             if self.grad_checkpointing and self.training:

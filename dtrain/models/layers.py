@@ -107,15 +107,21 @@ class CrossAttention(nn.Module):
         M, H = context.tokens.shape[1], self.heads
         q = self.q(self.norm(x)).view(B, N, H, D // H).transpose(1, 2)  # [B, H, N, Dh]
         k, v = self.kv(context.tokens).view(B, M, 2, H, D // H).permute(2, 0, 3, 1, 4)  # each [B, H, M, Dh]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask[:, None, None, :])
+        mask = context.mask[:, None, :]  # [B, 1, M]: every image token sees the caption's existing tokens
+        if context.query_mask is not None:
+            mask = mask & context.query_mask  # [B, N, M]: regional attention
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # broadcast over heads
         return x + self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
 class Context(NamedTuple):
     """A caption as the backbone's blocks see it: tokens [B, M, D] at the backbone's width and the
-    mask [B, M] of the ones that exist (always at least the start token)."""
+    mask [B, M] of the ones that exist (always at least the start token). query_mask [B, N, M]: which
+    tokens each image token (row-major patch) may attend to besides, for regional attention
+    (dtrain.regions); None: every image token sees every existing token."""
     tokens: torch.Tensor
     mask: torch.Tensor
+    query_mask: torch.Tensor | None = None
 
 
 class Mlp(nn.Sequential):
