@@ -91,14 +91,21 @@ def invert(denoiser: Denoiser, x: torch.Tensor, steps: int, refine: int = 2) -> 
     forward step, x <- x - (step(x) - x_known), so that it inverts the sampler's step rather than
     approximating it (converges while the step is close to the identity, as small steps are).
     (1 + refine) * steps calls."""
-    path = denoiser.path
-    ts = sampling_times(path, steps).flip(0).to(x.device)  # 1 (data) down to t_min (noise)
+    ts = sampling_times(denoiser.path, steps).flip(0).to(x.device)  # 1 (data) down to t_min (noise)
     for t_data, t in zip(ts[:-1], ts[1:]):
-        known = x
-        eps = denoiser.x_eps(known, t_data.expand(x.shape[0]))[1]
-        x = path.alpha(t) * (known - path.sigma(t_data) * eps) / path.alpha(t_data) + path.sigma(t) * eps
-        for _ in range(refine):
-            x = x - (ddim_step(denoiser, x, t, t_data) - known)
+        x = invert_step(denoiser, x, t_data, t, refine)
+    return x
+
+
+def invert_step(denoiser: Denoiser, x: torch.Tensor, t_data: torch.Tensor, t: torch.Tensor,
+                refine: int = 2) -> torch.Tensor:
+    """One step of `invert`: the x at time t (scalar, noise side) that ddim_step carries to the known x
+    [B, ...] at t_data (scalar, data side); 1 + refine calls (refine 0: plain DDIM / Euler inversion)."""
+    path, known = denoiser.path, x
+    eps = denoiser.x_eps(known, t_data.expand(x.shape[0]))[1]
+    x = path.alpha(t) * (known - path.sigma(t_data) * eps) / path.alpha(t_data) + path.sigma(t) * eps
+    for _ in range(refine):
+        x = x - (ddim_step(denoiser, x, t, t_data) - known)
     return x
 
 

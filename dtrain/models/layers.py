@@ -101,6 +101,9 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        # (probs [B, H, N, M], allowed [B, 1, N or 1, M]) -> the probabilities used: set by prompt-to-prompt
+        # editing (dtrain.editing) to record or replace the maps; None (always, outside an edit): fused SDPA
+        self.probs_hook = None
 
     def forward(self, x: torch.Tensor, context: "Context") -> torch.Tensor:  # x [B, N, D] -> x + attention
         B, N, D = x.shape
@@ -110,7 +113,12 @@ class CrossAttention(nn.Module):
         mask = context.mask[:, None, :]  # [B, 1, M]: every image token sees the caption's existing tokens
         if context.query_mask is not None:
             mask = mask & context.query_mask  # [B, N, M]: regional attention
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # broadcast over heads
+        if self.probs_hook is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # broadcast over heads
+        else:  # the same attention with its probabilities explicit, for the hook to see or swap
+            scores = (q @ k.transpose(-2, -1)) * (D // H) ** -0.5  # [B, H, N, M]
+            allowed = mask[:, None]
+            out = self.probs_hook(scores.masked_fill(~allowed, float("-inf")).softmax(-1), allowed) @ v
         return x + self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
