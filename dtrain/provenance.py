@@ -4,6 +4,7 @@ A C2PA manifest embedded in the PNG (a `caBX` chunk) says, under a signature, th
 created the image with a trained model (`c2pa.created`, IPTC `trainedAlgorithmicMedia`) and
 records how (`org.dtrain.generation`: model, stage, lineage, sampler, seed, and what the image was
 conditioned on: a class model's `class_label`, or a text model's `prompt` and any `negative_prompt`,
+or the `regions` (background and objects in their boxes) and `region_method` of region control,
 which thus travel with the image to whoever receives it). The manifest
 hashes the image bytes, so any later change to the pixels or to the manifest is detectable by
 anyone with a C2PA reader, unlike the invisible watermark, which survives edits but proves nothing.
@@ -135,6 +136,10 @@ class ProvenanceSigner:
             json.dumps(generation)
         except (TypeError, ValueError) as e:
             raise ProvenanceError(f"generation metadata is not JSON-serializable: {e}") from e
+        numbers = _number_array(generation, "generation")
+        if numbers:  # c2pa (0.38) reads a JSON array of numbers as bytes: [0.0, 0.5] comes back "", [300, 1] "LAE="
+            raise ProvenanceError(f"{numbers} is an array of numbers, which C2PA would store as bytes (changed or "
+                                  "lost): record it as an object of named numbers")
         try:
             return self._sign(png, generation, title)
         except c2pa.C2paError as e:
@@ -157,6 +162,17 @@ class ProvenanceSigner:
             out = io.BytesIO()
             builder.sign(signer, "image/png", io.BytesIO(png), out)
         return out.getvalue()
+
+
+def _number_array(data: Any, path: str) -> str | None:
+    """The path of the first non-empty array of numbers only in JSON-like `data`, or None."""
+    if isinstance(data, dict):
+        return next((p for k, v in data.items() if (p := _number_array(v, f"{path}.{k}"))), None)
+    if isinstance(data, (list, tuple)):
+        if data and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data):
+            return path
+        return next((p for i, v in enumerate(data) if (p := _number_array(v, f"{path}[{i}]"))), None)
+    return None
 
 
 def verify_png(png: bytes, trust_anchors: str | bytes | None = None) -> dict[str, Any]:

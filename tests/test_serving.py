@@ -241,7 +241,8 @@ def test_no_body_gets_a_server_error(served):
 
     fields = list(served.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"])
     assert set(fields) == {"model", "version", "allow_fallback", "class_label", "prompt", "negative_prompt", "seed",
-                           "num_images", "sampler", "steps", "guidance"}
+                           "num_images", "sampler", "steps", "guidance", "regions",
+                           "region_method"}
     values = st.one_of(st.integers(-2**70, 2**70), st.integers(0, 12), st.floats(), st.text(max_size=8), st.none(),
                        st.booleans(), st.lists(st.integers(), max_size=2),
                        st.sampled_from(["euler", "heun", "ddim", "tiny", "ckpt", "v2"]))

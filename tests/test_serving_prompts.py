@@ -200,22 +200,19 @@ class Remote:
 
 
 class InProcessSampler:
-    """The sampler deployment's work for one request in this process: the replica's own `condition`
-    and `render` (batching across requests is the real-stack test's)."""
+    """The sampler deployment's work for one request in this process: the replica's own model call
+    (`render_call`: a condition row per image, or a region job's RegionNet); batching across requests
+    is the real-stack test's."""
 
     def __init__(self, checkpoints: dict, watermark):
         self.loaded = {model_id: loaded(path) for model_id, path in checkpoints.items()}
         self.watermark = watermark
 
     async def __call__(self, job: Job, multiplexed_model_id: str):
-        from dtrain.generation import render
         from dtrain.images import to_uint8
-        from dtrain.serving.sampler import condition
+        from dtrain.serving.sampler import render_call
 
-        m = self.loaded[multiplexed_model_id]
-        cond, negative = condition(m, [job])
-        x = await asyncio.to_thread(render, m.net, m.cfg, m.meta, cond, list(job.seeds), job.steps, job.guidance,
-                                    "fp32", job.sampler, self.watermark, None, negative)
+        x = await asyncio.to_thread(render_call, self.loaded[multiplexed_model_id], [job], self.watermark)
         return to_uint8(x)
 
     async def detect(self, images: torch.Tensor, steps, multiplexed_model_id: str) -> list[dict]:
@@ -394,45 +391,111 @@ def test_fuzzed_bodies_of_every_field_never_get_a_server_error(app_client):
 
 # --- the real stack ----------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def words_served(serve_url, text_checkpoint):
+    """One sampler replica of a tiny text model behind Ray Serve (the app "prompts": the deny lists of DENY,
+    a response cache), shared by the real-stack tests of prompts and of regions: its base URL."""
+    from ray import serve
+
+    from dtrain.serving.app import deploy
+
+    deploy(ServeArgs(models={"words": {"versions": {"v1": str(text_checkpoint)}}}, num_replicas=1, replica_cpus=0.5,
+                     max_images=2, batch_wait_timeout_s=0.2, precision="fp32", cache_entries=16, **DENY), "prompts")
+    try:
+        yield f"{serve_url}/prompts"
+    finally:
+        serve.delete("prompts")
+
+
 @pytest.mark.slow
-def test_prompts_over_http_on_ray_serve(serve_url, text_checkpoint):
+def test_prompts_over_http_on_ray_serve(words_served, text_checkpoint):
     """One sampler replica of a tiny text model behind Ray Serve: prompts (and negative prompts) sent
     together, so batched, each get their own images, the same as sampled alone in this process; a denied
     prompt is a 400, a bad one a 422, and the health probe samples the text model."""
-    from ray import serve
-
     from dtrain.checkpoint import read_meta
     from dtrain.generation import conditions, render
     from dtrain.images import to_uint8
-    from dtrain.serving.app import deploy
     from dtrain.watermark import key_for_serving
 
-    deploy(ServeArgs(models={"words": {"versions": {"v1": str(text_checkpoint)}}}, num_replicas=1, replica_cpus=0.5,
-                     max_images=2, batch_wait_timeout_s=0.2, precision="fp32", **DENY), "prompts")
-    try:
-        bodies = [{"prompt": "a red circle", "seed": 1, "num_images": 2, "steps": 2},
-                  {"prompt": "two blue squares", "negative_prompt": "a green triangle", "seed": 3, "steps": 2},
-                  {"prompt": "two blue squares", "seed": 3, "steps": 2}]
-        with httpx.Client(base_url=f"{serve_url}/prompts", timeout=60) as c, ThreadPoolExecutor(3) as pool:
-            answers = list(pool.map(lambda b: c.post("/v1/generate", json=b), bodies))  # batches wait 0.2 s to fill
-            denied = c.post("/v1/generate", json={"prompt": "Forbidden fruit"})
-            bad = c.post("/v1/jobs", json={"prompt": "tab\there"})
-            health = c.get("/healthz")  # the replica's probe samples the text model with the empty prompt
-        m = loaded(text_checkpoint)
-        for body, r in zip(bodies, answers):
-            assert r.status_code == 200, r.text
-            assert (r.json()["prompt"], r.json()["negative_prompt"]) == (body["prompt"], body.get("negative_prompt"))
-            seeds = list(range(body["seed"], body["seed"] + body.get("num_images", 1)))
+    bodies = [{"prompt": "a red circle", "seed": 1, "num_images": 2, "steps": 2},
+              {"prompt": "two blue squares", "negative_prompt": "a green triangle", "seed": 3, "steps": 2},
+              {"prompt": "two blue squares", "seed": 3, "steps": 2}]
+    with httpx.Client(base_url=words_served, timeout=60) as c, ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda b: c.post("/v1/generate", json=b), bodies))  # batches wait 0.2 s to fill
+        denied = c.post("/v1/generate", json={"prompt": "Forbidden fruit"})
+        bad = c.post("/v1/jobs", json={"prompt": "tab\there"})
+        health = c.get("/healthz")  # the replica's probe samples the text model with the empty prompt
+    m = loaded(text_checkpoint)
+    for body, r in zip(bodies, answers):
+        assert r.status_code == 200, r.text
+        assert (r.json()["prompt"], r.json()["negative_prompt"]) == (body["prompt"], body.get("negative_prompt"))
+        seeds = list(range(body["seed"], body["seed"] + body.get("num_images", 1)))
+        neg = body.get("negative_prompt")
+        want = to_uint8(render(m.net, m.cfg, read_meta(text_checkpoint),
+                               conditions(m.cfg, m.tokenizer, [body["prompt"]] * len(seeds)), seeds, 2, 2.0,
+                               watermark=key_for_serving(None),
+                               negative=neg and conditions(m.cfg, m.tokenizer, [neg] * len(seeds))))
+        got = np.stack([pixels(b) for b in r.json()["images"]]).astype(int)
+        assert got.shape == want.shape and np.abs(got - want.astype(int)).max() <= 1, body
+    assert answers[1].json()["images"] != answers[2].json()["images"]  # the negative prompt counts
+    assert denied.status_code == 400 and denied.json()["detail"]["code"] == "denied_prompt", denied.text
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "prompt"], bad.text
+    assert health.status_code == 200 and health.json()["model"] == "words", health.text
+
+
+@pytest.mark.slow
+def test_regions_over_http_on_ray_serve(words_served, text_checkpoint):
+    """Region requests (dtrain.regions; the fast tests are tests/test_serving_regions.py) on the prompts'
+    deployment: sent together with a plain prompt, so in one batch, each region request runs as its own
+    model call and gets the images of render_regions in this process, the plain one those of render;
+    the manifest records the regions; the same request again is the cache's bytes, and as a job the same
+    pixels; a bad region is a 422 naming its field, a denied word in one a 400."""
+    from dtrain.checkpoint import read_meta
+    from dtrain.generation import conditions, render
+    from dtrain.images import to_uint8
+    from dtrain.provenance import verify_png
+    from dtrain.regions import render_regions, validate_regions
+    from dtrain.watermark import key_for_serving
+
+    scene = {"background": {"prompt": "a red circle"},
+             "objects": [{"prompt": "two blue squares", "box": [0.0, 0.0, 0.5, 0.5]},
+                         {"prompt": "a green triangle", "box": [0.5, 0.25, 1.0, 1.0]}]}
+    bodies = [{"regions": scene, "seed": 2, "num_images": 2, "steps": 2},
+              {"regions": scene, "region_method": "attention", "negative_prompt": "three big circles", "seed": 4,
+               "steps": 2},
+              {"prompt": "a red circle", "seed": 2, "steps": 2}]
+    with httpx.Client(base_url=words_served, timeout=60) as c, ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda b: c.post("/v1/generate", json=b), bodies))  # batches wait 0.2 s to fill
+        again = c.post("/v1/generate", json=bodies[0])
+        job = c.post("/v1/jobs", json=bodies[0]).json()
+        deadline = time.monotonic() + 60
+        while (state := c.get(f"/v1/jobs/{job['job_id']}").json())["state"] in ("queued", "running"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        bad = c.post("/v1/jobs", json={"regions": {**scene, "objects": [*scene["objects"], {
+            "prompt": "a", "box": [0.5, 0.5, 0.5, 1.0]}]}})
+        denied = c.post("/v1/generate", json={"regions": {**scene, "background": {"prompt": "FORBIDDEN"}}})
+    m, meta, key = loaded(text_checkpoint), read_meta(text_checkpoint), key_for_serving(None)
+    spec = validate_regions(scene)
+    for body, r in zip(bodies, answers):
+        assert r.status_code == 200, r.text
+        seeds = list(range(body["seed"], body["seed"] + body.get("num_images", 1)))
+        if "regions" in body:
             neg = body.get("negative_prompt")
-            want = to_uint8(render(m.net, m.cfg, read_meta(text_checkpoint),
-                                   conditions(m.cfg, m.tokenizer, [body["prompt"]] * len(seeds)), seeds, 2, 2.0,
-                                   watermark=key_for_serving(None),
-                                   negative=neg and conditions(m.cfg, m.tokenizer, [neg] * len(seeds))))
-            got = np.stack([pixels(b) for b in r.json()["images"]]).astype(int)
-            assert got.shape == want.shape and np.abs(got - want.astype(int)).max() <= 1, body
-        assert answers[1].json()["images"] != answers[2].json()["images"]  # the negative prompt counts
-        assert denied.status_code == 400 and denied.json()["detail"]["code"] == "denied_prompt", denied.text
-        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "prompt"], bad.text
-        assert health.status_code == 200 and health.json()["model"] == "words", health.text
-    finally:
-        serve.delete("prompts")
+            want = render_regions(m.net, m.cfg, meta, spec, seeds, 2, 2.0, method=body.get("region_method",
+                                  "multidiffusion"), tokenizer=m.tokenizer, negative=neg, watermark=key)
+        else:
+            want = render(m.net, m.cfg, meta, conditions(m.cfg, m.tokenizer, [body["prompt"]]), seeds, 2, 2.0,
+                          watermark=key)
+        got = np.stack([pixels(b) for b in r.json()["images"]]).astype(int)
+        assert got.shape == to_uint8(want).shape and np.abs(got - to_uint8(want).astype(int)).max() <= 1, body
+    first = answers[0].json()
+    record = verify_png(base64.b64decode(first["images"][1]))["generation"]
+    assert (record["region_method"], record["seed"], record["regions"]["objects"][1]["box"]) == (
+        "multidiffusion", 3, {"x0": 0.5, "y0": 0.25, "x1": 1.0, "y1": 1.0})
+    assert (first["regions"], first["nfe"]) == (scene, 8) and answers[1].json()["region_method"] == "attention"
+    assert again.headers["x-cache"] == "hit" and again.content == answers[0].content
+    assert state["state"] == "done" and [pixels(b).tolist() for b in state["result"]["images"]] == [
+        pixels(b).tolist() for b in first["images"]], state
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "regions", "objects", 2, "box"], bad.text
+    assert denied.status_code == 400 and denied.json()["detail"]["field"] == "regions.background.prompt", denied.text

@@ -1,13 +1,14 @@
 """Ray Serve app: a FastAPI ingress in front of an autoscaling, batching sampler deployment.
 
-    POST /v1/generate  {model, version, allow_fallback, class_label | prompt (+ negative_prompt), seed,
-                        num_images, sampler, steps, guidance} -> PNG images (base64), watermarked with
-                        the deployment's key and signed with a C2PA manifest of how each was made
+    POST /v1/generate  {model, version, allow_fallback, class_label | prompt (+ negative_prompt) | regions
+                        (+ region_method), seed, num_images, sampler, steps, guidance} -> PNG images
+                        (base64), watermarked with the deployment's key and signed with a C2PA manifest
+                        of how each was made
     POST /v1/jobs      the same body -> a job id at once; GET /v1/jobs/{id} its state and, when done, the
                        images; DELETE /v1/jobs/{id} cancels it; GET /v1/jobs/{id}/events streams progress
     POST /v1/detect    {image, model, version, steps} -> is the image watermarked with that key
     GET  /v1/models    the registered models and versions: stage, lineage, conditioning (class or text,
-                       with its classes or prompt limits), default sampler and steps
+                       with its classes or prompt limits), region control, default sampler and steps
     GET  /healthz      a real one-step sample on a sampler replica
     GET  /docs         Swagger UI, served from a package (works offline)
 
@@ -42,6 +43,7 @@ from ray.serve.config import BackpressureConfig
 
 from dtrain.checkpoint import read_config, read_meta
 from dtrain.provenance import ProvenanceSigner, signer_for_serving
+from dtrain.regions import MAX_OBJECTS, METHODS, Region, RegionError, RegionSpec, check_model
 from dtrain.serving import job_routes
 from dtrain.serving.config import ServeArgs
 from dtrain.serving.dependencies import IngressDep, Tenant, current_ingress, tenant
@@ -149,17 +151,33 @@ class Ingress(IngressReplica):
 
 def version_info(name: str, version: str, checkpoint: str) -> dict:
     """What a client may know of one version: its stage and lineage, what it is conditioned on (a class
-    model's class count; a text model's prompt limits: characters taken, tokens read) and its sampling
+    model's class count; a text model's prompt limits: characters taken, tokens read), its backbone, its
+    region control (the methods it takes, the most objects; None for a vector model) and its sampling
     defaults."""
     cfg, meta = read_config(checkpoint), read_meta(checkpoint)
     s, m = cfg.sample, cfg.model
     cond = ({"num_classes": m.num_classes} if m.conditioning == "class"
             else {"max_prompt_chars": MAX_PROMPT_CHARS, "max_tokens": m.max_tokens})
+    methods = region_methods(cfg)
     return {"model": name, "version": version, "checkpoint": checkpoint, "stage": meta.get("stage", "pretrain"),
             "parent": meta.get("parent"), "teacher": meta.get("teacher"), "conditioning": str(m.conditioning),
-            **cond, "image_size": cfg.model.image_size, "channels": cfg.model.in_channels, "flow_map": cfg.model.flow_map,
-            "latent": isinstance(meta.get("latents"), dict),
+            **cond, "arch": str(m.arch), "image_size": cfg.model.image_size, "channels": cfg.model.in_channels,
+            "flow_map": cfg.model.flow_map, "latent": isinstance(meta.get("latents"), dict),
+            "regions": {"methods": methods, "max_objects": MAX_OBJECTS} if methods else None,
             "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}}
+
+
+def region_methods(cfg) -> list[str]:
+    """The region methods a model takes, as dtrain.regions.check_model decides for a one-region spec."""
+    spec = RegionSpec(Region(prompt="") if cfg.model.conditioning == "text" else Region(class_label=0))
+    methods = []
+    for method in METHODS:
+        try:
+            check_model(spec, cfg, method)
+        except RegionError:
+            continue
+        methods.append(method)
+    return methods
 
 
 def build_app(args: ServeArgs):

@@ -105,7 +105,7 @@ class ServeArgs(_Strict):
                                                                 "~/.config/dtrain/watermark.key, created on first use")
     provenance: bool = Field(True, description="sign every served PNG with a C2PA manifest (model, version, stage, "
                                                "lineage, sampler, steps, seed, class or prompt and negative "
-                                               "prompt, watermark key id)")
+                                               "prompt or regions, watermark key id)")
     provenance_cert_chain: Optional[str] = Field(None, description="PEM certificate chain, signer first; default: "
                                                                    "test credentials made in ~/.config/dtrain/c2pa-test")
     provenance_key: Optional[str] = Field(None, description="the signer's unencrypted PEM private key")
@@ -113,8 +113,9 @@ class ServeArgs(_Strict):
         default_factory=dict, description="input policy: model name ('*': every model) -> class labels refused "
                                           "with 400 before any compute")
     deny_words: list[str] = Field(default_factory=list, description="input policy: words (or phrases) refused in "
-                                                                    "a text model's prompt or negative_prompt, "
-                                                                    "whole words, any case, with 400")
+                                                                    "a text model's prompt, negative_prompt or a "
+                                                                    "region's prompt, whole words, any case, "
+                                                                    "with 400")
     deny_patterns: list[str] = Field(default_factory=list, description="input policy: Python regular expressions "
                                                                        "refused where they match a prompt (searched, "
                                                                        "case-insensitive), with 400")

@@ -17,16 +17,16 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from dtrain.diffusion.samplers import nfe
 from dtrain.images import png_bytes
 from dtrain.provenance import ProvenanceSigner
+from dtrain.regions import RegionSpec
 from dtrain.serving import planning
 from dtrain.serving.auth import BearerAuth
 from dtrain.serving.config import ServeArgs, TenantPolicy
 from dtrain.serving.metrics import IngressMetrics
 from dtrain.serving.planning import Plan, PlanError
 from dtrain.serving.policy import InputPolicy
-from dtrain.serving.schemas import GenerateRequest, GenerateResponse
+from dtrain.serving.schemas import GenerateRequest, GenerateResponse, field_loc, region_data
 from dtrain.serving.tenancy import PriorityGate, Quotas
 
 logger = logging.getLogger("ray.serve")
@@ -58,7 +58,11 @@ class IngressReplica:
         return HTTPException(status_code=status, detail=detail, headers=headers)
 
     def invalid(self, field: str, msg: str) -> HTTPException:
-        return self.refuse(422, "invalid", [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
+        """422 at a body field, as FastAPI's own: "regions.objects[1].class_label" is at
+        ["body", "regions", "objects", 1, "class_label"], and the message starts with the field."""
+        loc = ["body", *field_loc(field)]
+        msg = msg if len(loc) == 2 else f"{field}: {msg}"
+        return self.refuse(422, "invalid", [{"loc": loc, "msg": msg, "type": "value_error"}])
 
     def authorize(self, creds: Optional[HTTPAuthorizationCredentials]) -> str:
         """The caller's tenant (who owns its jobs); 401 for a missing or unknown token."""
@@ -89,9 +93,10 @@ class IngressReplica:
                 logger.warning("a sampler replica died during a request: retrying it on another")
 
     async def sample(self, plan: Plan, tenant: str, timeout_s: Optional[float] = None) -> Any:
-        """The plan's images from a sampler, once the priority gate admits them (by the tenant's tier)."""
+        """The plan's images from a sampler, once the priority gate admits them (by the tenant's tier; a
+        region request's images count as the plain images their NFE is worth, `Job.cost`)."""
         timeout_s = timeout_s or self.args.request_timeout_s
-        images, start = len(plan.job.seeds), time.monotonic()
+        images, start = plan.job.cost, time.monotonic()
         try:
             await asyncio.wait_for(self.gate.acquire(self._policy(tenant).tier, images), timeout_s)
         except asyncio.TimeoutError:
@@ -148,9 +153,10 @@ class IngressReplica:
         self.in_flight += 1  # this request included: what the spike fallback's threshold counts
         try:
             plan = self.plan(req)
-            self.check_quota(tenant, len(plan.job.seeds))
+            self.check_quota(tenant, plan.job.cost)
             # everything the bytes depend on: the version's checkpoint and every generation parameter
-            # (the job: class or prompt and negative prompt, seeds, sampler, steps, guidance)
+            # (the job: class, prompt and negative prompt or regions and their method, seeds, sampler,
+            # steps, guidance)
             key = (self.args.models[plan.name].versions[plan.version], plan.fallback, plan.job, self.key_id)
             if self.cache is not None:
                 hit = self.cache.get(key)
@@ -186,14 +192,29 @@ class IngressReplica:
         self.metrics.stage_seconds.observe(done - started, tags={"stage": "total"})
         return GenerateResponse(model=plan.name, version=plan.version, stage=info["stage"], fallback=plan.fallback,
                                 class_label=job.class_label, prompt=job.prompt,
-                                negative_prompt=job.negative_prompt, sampler=job.sampler, steps=job.steps,
-                                guidance=job.guidance, nfe=nfe(job.sampler, job.steps, job.guidance),
+                                negative_prompt=job.negative_prompt,
+                                regions=job.regions and region_data(job.regions), region_method=job.region_method,
+                                sampler=job.sampler, steps=job.steps, guidance=job.guidance, nfe=job.nfe,
                                 seeds=list(job.seeds), watermark_key_id=self.key_id, images=pngs)
 
 
 def condition_record(job: planning.Job) -> dict:
     """What an image was conditioned on, for its provenance record: a class model's class_label, or a
-    text model's prompt and, where one was given, its negative prompt."""
+    text model's prompt, or the regions (background and objects with their boxes, as the request gave
+    them) and their method; and a text model's negative prompt, where one was given."""
+    negative = {} if job.negative_prompt is None else {"negative_prompt": job.negative_prompt}
+    if job.regions is not None:
+        return {"regions": region_record(job.regions), "region_method": job.region_method, **negative}
     if job.prompt is None:
         return {"class_label": job.class_label}
-    return {"prompt": job.prompt, **({} if job.negative_prompt is None else {"negative_prompt": job.negative_prompt})}
+    return {"prompt": job.prompt, **negative}
+
+
+def region_record(spec: RegionSpec) -> dict:
+    """The regions as the request gave them, but each box as {x0, y0, x1, y1}: C2PA (c2pa 0.38) stores
+    a JSON array of numbers as bytes, so [0.0, 0.5, 1.0, 1.0] would come back as "" (dtrain.provenance
+    refuses to sign one)."""
+    data = region_data(spec)
+    for o in data["objects"]:
+        o["box"] = dict(zip(("x0", "y0", "x1", "y1"), o["box"]))
+    return data

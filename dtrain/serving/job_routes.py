@@ -42,7 +42,7 @@ async def submit_job(req: GenerateRequest, owner: Tenant, ingress: IngressDep) -
     GET /v1/jobs/{id}, follow GET /v1/jobs/{id}/events, cancel with DELETE /v1/jobs/{id}."""
     ingress.check_policy(req)
     plan = ingress.plan(req)
-    ingress.check_quota(owner, req.num_images)
+    ingress.check_quota(owner, plan.job.cost)
     job_id = uuid.uuid4().hex
     job = dataclasses.replace(plan.job, job_id=job_id)
     if not await ingress.board.create.remote(job_id, owner, job.steps, nfe(job.sampler, job.steps, 1.0)):

@@ -8,9 +8,12 @@ does not fit raises PlanError naming the body field, which the ingress answers w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 from dtrain.diffusion.samplers import misfit
+from dtrain.diffusion.samplers import nfe as plain_nfe
+from dtrain.regions import METHODS, RegionError, RegionSpec, check_model, region_nfe
 
 if TYPE_CHECKING:
     from dtrain.serving.config import ModelSpec
@@ -20,7 +23,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Job:
     """One request as the sampler sees it: a class model's class_label, or a text model's prompt (and
-    negative prompt, None: the empty one). Every field is part of the response cache's key."""
+    negative prompt, None: the empty one), or regions (dtrain.regions: each a class label or a prompt in
+    a box, composed by region_method; a text model's negative prompt beside them). Every field is part
+    of the response cache's key."""
     class_label: Optional[int]
     seeds: tuple[int, ...]
     sampler: str
@@ -29,10 +34,27 @@ class Job:
     prompt: Optional[str] = None
     negative_prompt: Optional[str] = None
     job_id: Optional[str] = None  # an asynchronous job (dtrain.serving.jobs): cancellable between steps
+    regions: Optional[RegionSpec] = None
+    region_method: Optional[str] = None  # with regions: one of dtrain.regions.METHODS
 
     @property
     def key(self) -> tuple[str, int, float]:
         return self.sampler, self.steps, self.guidance
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image: the sampler's, or region_nfe (multidiffusion runs the net once
+        per distinct region on the conditional side)."""
+        if self.regions is None:
+            return plain_nfe(self.sampler, self.steps, self.guidance)
+        return region_nfe(self.regions, self.sampler, self.steps, self.guidance, self.region_method)
+
+    @property
+    def cost(self) -> int:
+        """What the job counts as against a tenant's image quota and the ingress's admission gate: its
+        images, each weighed by its NFE against a plain image's at the same settings (rounded up), so a
+        request costs what it runs: 3 regions, 16 Euler steps at guidance 2 cost 2 images per image."""
+        return -(-len(self.seeds) * self.nfe // plain_nfe(self.sampler, self.steps, self.guidance))
 
 
 @dataclass(frozen=True)
@@ -106,13 +128,19 @@ def plan(req: GenerateRequest, specs: Mapping[str, ModelSpec], catalog: Mapping[
         if not ok:
             raise PlanError(field, msg)
     seeds = tuple(range(req.seed, req.seed + req.num_images))
+    method = None if req.regions is None else (req.region_method or METHODS[0])
     return Plan(name, version, fallback, info, Job(req.class_label, seeds, sampler, steps, guidance, req.prompt,
-                                                   req.negative_prompt))
+                                                   req.negative_prompt, regions=req.regions, region_method=method))
 
 
 def condition_misfit(req: GenerateRequest, info: Mapping, model_id: str) -> None:
     """A class model takes a class_label (below its class count) and no prompt; a text model a prompt
-    and no class_label. PlanError naming the field otherwise."""
+    and no class_label; either may take regions instead (region_misfit). PlanError naming the field
+    otherwise."""
+    if req.regions is not None:
+        return region_misfit(req, info, model_id)
+    if req.region_method is not None:
+        raise PlanError("region_method", "given without regions: it says how regions are composed")
     if info.get("conditioning", "class") == "text":
         if req.class_label is not None:
             raise PlanError("class_label", f"{model_id} is text-conditioned: give prompt, not class_label")
@@ -126,3 +154,26 @@ def condition_misfit(req: GenerateRequest, info: Mapping, model_id: str) -> None
         raise PlanError("class_label", f"required: {model_id} is class-conditional (0..{info['num_classes'] - 1})")
     if req.class_label >= info["num_classes"]:
         raise PlanError("class_label", f"must be < {info['num_classes']}")
+
+
+def region_misfit(req: GenerateRequest, info: Mapping, model_id: str) -> None:
+    """Regions instead of prompt and class_label (a text model's negative_prompt may stay), checked against
+    the version by dtrain.regions.check_model: prompts for a text model, class labels below its class count
+    for a class model, an image model, regional attention on text models only. PlanError naming the field."""
+    text = info.get("conditioning", "class") == "text"
+    for field in ("prompt", "class_label"):
+        if getattr(req, field) is not None:
+            raise PlanError(field, f"give regions or {field}, not both (each region has its own "
+                                   f"{'prompt' if text else 'class_label'})")
+    if not text and req.negative_prompt is not None:
+        raise PlanError("negative_prompt", f"{model_id} is class-conditional: give class_label, not negative_prompt")
+    model = SimpleNamespace(arch=info["arch"], conditioning=info.get("conditioning", "class"),
+                            num_classes=info.get("num_classes"))
+    try:
+        check_model(req.regions, SimpleNamespace(model=model), req.region_method or METHODS[0])
+    except RegionError as e:
+        # check_model names a regions field first ("regions.objects[1].class_label: ..."), but for the method
+        field, _, msg = str(e).partition(": ")
+        if not field.startswith("regions"):
+            field, msg = "region_method", str(e)
+        raise PlanError(field, f"{msg} ({model_id})") from None

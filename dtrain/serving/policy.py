@@ -5,7 +5,8 @@ Prompts are matched as a text model reads them: NFKC-normalised (fullwidth or li
 plain ones) and case-folded, runs of spaces made one; the schema has already refused the control and
 zero-width characters that could split a word unseen. A word matches whole (not inside a longer
 word), a pattern (a Python regular expression) anywhere. Both `prompt` and `negative_prompt` are
-checked: at guidance below 1 a negative prompt pulls towards what it names.
+checked: at guidance below 1 a negative prompt pulls towards what it names. So is every region of a
+`regions` request, each by its own field: a class as `class_label` is, a prompt as `prompt` is.
 
 Pure: no Ray, no FastAPI. A refusal names the field and the rule, never the text.
 """
@@ -15,6 +16,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+from dtrain.serving.schemas import region_names
 
 if TYPE_CHECKING:
     from dtrain.serving.schemas import GenerateRequest
@@ -62,13 +65,16 @@ class InputPolicy:
         self.rules = compile_rules(deny_words, deny_patterns)
 
     def check(self, model: str, req: GenerateRequest) -> Optional[Refusal]:
-        """The first refusal of a request to `model` (a class, then each prompt field), or None."""
+        """The first refusal of a request to `model` (a class, then each prompt field; then each region's
+        class or prompt, background first), or None."""
         denied = {*self.deny_classes.get("*", ()), *self.deny_classes.get(model, ())}
-        if req.class_label in denied:
-            return Refusal("denied_class", "class_label", f"class {req.class_label}",
-                           f"class {req.class_label} of {model} is not served")
-        for field in PROMPT_FIELDS:
-            text = getattr(req, field)
+        conditions = [("class_label", req.class_label, None), *((f, None, getattr(req, f)) for f in PROMPT_FIELDS)]
+        if req.regions is not None:
+            conditions += [(f"regions.{name}.{'prompt' if r.prompt is not None else 'class_label'}", r.class_label,
+                            r.prompt) for name, r in zip(region_names(req.regions), req.regions.regions)]
+        for field, label, text in conditions:
+            if label is not None and label in denied:
+                return Refusal("denied_class", field, f"class {label}", f"class {label} of {model} is not served")
             rule = text and self.denied(text)
             if rule:
                 return Refusal("denied_prompt", field, rule, f"{field} is refused by this deployment's input policy")

@@ -1,7 +1,13 @@
 """The sampler deployment: one checkpoint's network on a replica's device, fed by dynamic batches
 counted in images. Requests in one batch that differ in sampler, steps or guidance run as separate
 model calls and are scattered back in order; requests that differ in class or prompt share a call
-(the condition is per row); a sample depends on its seed alone, never on its batch."""
+(the condition is per row); a sample depends on its seed alone, never on its batch.
+
+A request with regions (dtrain.regions) runs as a model call of its own: its net is a RegionNet over
+its boxes (multidiffusion evaluates it once per region in one batch of R times its images), which no
+other request shares. Its images still count towards the batch they came in, and the batch's calls
+run one after the other, so a region request adds its own call's latency to the plain requests it was
+batched with, and does not gain from batching itself."""
 from __future__ import annotations
 
 import asyncio
@@ -16,10 +22,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dtrain.checkpoint import load_model, read_meta, read_tokenizer
-from dtrain.diffusion.samplers import nfe
 from dtrain.generation import conditions, image_shape, render
 from dtrain.images import to_uint8
 from dtrain.precision import DTYPES, choose
+from dtrain.regions import render_regions
 from dtrain.runtime import pin_threads
 from dtrain.serving.jobs import Cancelled, LiveRows, watch_while
 from dtrain.serving.metrics import SamplerMetrics
@@ -57,6 +63,30 @@ def condition(m: Loaded, jobs: list[Job]) -> tuple[torch.Tensor, Optional[torch.
     if all(j.negative_prompt is None for j in jobs):
         return cond, None
     return cond, conditions(m.cfg, m.tokenizer, per_image(lambda j: j.negative_prompt or ""))
+
+
+def call_groups(jobs: list[Job]) -> list[list[int]]:
+    """The model calls of a batch, each the indices of its jobs in order: the plain jobs with the same
+    sampler, steps and guidance share one; a region job has one of its own."""
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(job.key if job.regions is None else ("regions", i), []).append(i)
+    return list(groups.values())
+
+
+def render_call(m: Loaded, jobs: list[Job], watermark: Optional[WatermarkKey] = None,
+                live: Optional[LiveRows] = None) -> torch.Tensor:
+    """Images [B, C, H, W] in [-1, 1] of one model call (`call_groups`): the plain jobs' images, a
+    condition row each, or one region job's."""
+    sampler, steps, guidance = jobs[0].key
+    seeds = [s for j in jobs for s in j.seeds]
+    if jobs[0].regions is not None:
+        (job,) = jobs
+        return render_regions(m.net, m.cfg, m.meta, job.regions, seeds, steps, guidance, m.precision, sampler,
+                              job.region_method, tokenizer=m.tokenizer, negative=job.negative_prompt or None,
+                              watermark=watermark, live=live)
+    cond, negative = condition(m, jobs)
+    return render(m.net, m.cfg, m.meta, cond, seeds, steps, guidance, m.precision, sampler, watermark, live, negative)
 
 
 @serve.deployment(graceful_shutdown_timeout_s=60, health_check_period_s=10, health_check_timeout_s=60)
@@ -123,28 +153,22 @@ class Sampler:
         for t in queued_at:
             self.metrics.stage_seconds.observe(started - t, tags={"stage": "queue"})
         out: list[Optional[np.ndarray | Cancelled]] = [None] * len(jobs)
-        groups: dict[tuple[str, int, float], list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.key, []).append(i)
-        for (sampler, steps, guidance), idx in groups.items():
-            cond, negative = condition(m, [jobs[i] for i in idx])
-            seeds = [s for i in idx for s in jobs[i].seeds]
-            rows = (LiveRows([(jobs[i].job_id, len(jobs[i].seeds)) for i in idx])
-                    if self.board is not None and any(jobs[i].job_id for i in idx) else None)
+        for idx in call_groups(jobs):
+            group = [jobs[i] for i in idx]
+            rows = (LiveRows([(j.job_id, len(j.seeds)) for j in group])
+                    if self.board is not None and any(j.job_id for j in group) else None)
             # in a thread: the replica's event loop keeps taking requests (the next batch fills
             # while this one computes), answering health checks and taking the jobs' cancellations
-            compute = asyncio.ensure_future(asyncio.to_thread(render, m.net, m.cfg, m.meta, cond, seeds, steps,
-                                                              guidance, m.precision, sampler, self.watermark, rows,
-                                                              negative))
+            compute = asyncio.ensure_future(asyncio.to_thread(render_call, m, group, self.watermark, rows))
             watcher = rows and asyncio.ensure_future(watch_while(self.board, rows, compute))
             try:
                 images = to_uint8(await compute)
             finally:
                 if watcher:
                     watcher.cancel()
-            self.metrics.batch_images.observe(len(seeds), tags=tags)
-            self.metrics.images.inc(len(seeds), tags=tags)
-            self.metrics.nfe.inc(len(seeds) * nfe(sampler, steps, guidance), tags=tags)
+            self.metrics.batch_images.observe(images_in(group), tags=tags)
+            self.metrics.images.inc(images_in(group), tags=tags)
+            self.metrics.nfe.inc(sum(len(j.seeds) * j.nfe for j in group), tags=tags)
             start = 0
             for i in idx:
                 n = len(jobs[i].seeds)

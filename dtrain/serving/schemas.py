@@ -3,15 +3,21 @@ model or the deployment (class count, conditioning, step and image limits) are c
 ingress. Both give 422 naming the field."""
 from __future__ import annotations
 
+import re
 import unicodedata
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError,
+                      WithJsonSchema)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dtrain.diffusion.samplers import SAMPLERS
+from dtrain.regions import MAX_OBJECTS, METHODS, RegionError, RegionSpec, validate_regions
 
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+RegionMethod = Literal[METHODS]  # type: ignore[valid-type]
 MAX_PROMPT_CHARS = 300  # several captions' worth (a text model reads model.max_tokens tokens); keeps bodies small
+MAX_CLASS_LABEL = 100_000
 
 
 def printable(text: str) -> str:
@@ -29,6 +35,105 @@ def printable(text: str) -> str:
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(printable)]
 
 
+def field_loc(path: str) -> tuple[str | int, ...]:
+    """A field's path as a body location: "regions.objects[2].box" -> ("regions", "objects", 2, "box")."""
+    return tuple(int(index) if index else name for name, index in _PATH.findall(path))
+
+
+_PATH = re.compile(r"([A-Za-z_]\w*)|\[(\d+)\]")
+# The field a RegionError names (its message starts with it): each part of the region syntax only where
+# the name ends after it, so an unknown key ("objectsX", "boxes") is not read as a known one
+_REGION_FIELD = re.compile(r"regions(?:\.background(?=[.:])|\.objects(?:\[\d+\])?(?=[.:]))?"
+                           r"(?:\.(?:prompt|class_label|box)(?=:))?")
+_UNKNOWN = ": unknown field (expected"
+
+
+def region_error_loc(message: str) -> tuple[str | int, ...]:
+    """The body location of the field a dtrain.regions RegionError names at the start of its message: the
+    known part of the path, then an unknown key as given (as pydantic names a key it forbids)."""
+    path = _REGION_FIELD.match(message)
+    if path is None:
+        return ("regions",)
+    rest = message[path.end():]
+    unknown = (rest[1:rest.rindex(_UNKNOWN)][:100],) if rest.startswith(".") and _UNKNOWN in rest else ()
+    return field_loc(path.group()) + unknown
+
+
+def _regions(data: Any) -> RegionSpec:
+    """A request's `regions`: dtrain.regions.validate_regions (at most MAX_OBJECTS objects, boxes inside
+    the image with positive area, one of prompt and class_label, no unknown key), then each prompt held
+    to the bounds of `prompt` and each class label to those of `class_label`. An error names its field
+    in its location and at the start of its message: regions.objects[2].box."""
+    if isinstance(data, RegionSpec):
+        spec = data
+    else:
+        try:
+            spec = validate_regions(data)
+        except RegionError as e:
+            raise _located(region_error_loc(str(e)), str(e), data) from None
+    for name, region in zip(region_names(spec), spec.regions):
+        field = f"regions.{name}"
+        if region.prompt is not None:
+            problem = (f"at most {MAX_PROMPT_CHARS} characters" if len(region.prompt) > MAX_PROMPT_CHARS
+                       else _unprintable(region.prompt))
+            if problem:
+                raise _located(field_loc(f"{field}.prompt"), f"{field}.prompt: {problem}", data)
+        if region.class_label is not None and region.class_label > MAX_CLASS_LABEL:
+            raise _located(field_loc(f"{field}.class_label"), f"{field}.class_label: at most {MAX_CLASS_LABEL}", data)
+    return spec
+
+
+def region_names(spec: RegionSpec) -> list[str]:
+    """The regions' names in a field path, background first: background, objects[0], ..."""
+    return ["background", *(f"objects[{i}]" for i in range(len(spec.objects)))]
+
+
+def _unprintable(text: str) -> Optional[str]:
+    try:
+        printable(text)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _located(loc: tuple, msg: str, data: Any) -> ValidationError:
+    """A validation error at `loc` (the field's own name first, which pydantic adds itself) with `msg`, cut
+    short where it quotes a long input back (a box of a thousand numbers)."""
+    msg = msg if len(msg) <= 400 else msg[:400] + "..."
+    return ValidationError.from_exception_data("regions", [InitErrorDetails(
+        type=PydanticCustomError("value_error", "{msg}", {"msg": msg}), loc=loc[1:], input=data)])
+
+
+def region_data(spec: RegionSpec) -> dict:
+    """A RegionSpec as the plain data a request gives, which the response and the C2PA record carry."""
+    def one(r, boxed: bool) -> dict:
+        cond = {"prompt": r.prompt} if r.prompt is not None else {"class_label": r.class_label}
+        return {**cond, "box": list(r.box)} if boxed else cond
+    return {"background": one(spec.background, False), "objects": [one(o, True) for o in spec.objects]}
+
+
+_CONDITION = {"prompt": {"type": "string", "maxLength": MAX_PROMPT_CHARS},
+              "class_label": {"type": "integer", "minimum": 0, "maximum": MAX_CLASS_LABEL}}
+_REGIONS_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["background"],
+    "description": f"Region control: a background condition for the whole image and up to {MAX_OBJECTS} objects, "
+                   "each a condition in a box [x0, y0, x1, y1] of image fractions (x to the right, y down; "
+                   "every coordinate in [0, 1], x0 < x1 and y0 < y1). A condition is a prompt (a text model; "
+                   "the bounds of `prompt`) or a class_label (a class model), one of the two. Instead of "
+                   "`prompt` and `class_label`.",
+    "properties": {
+        "background": {"type": "object", "additionalProperties": False, "properties": _CONDITION},
+        "objects": {"type": "array", "maxItems": MAX_OBJECTS, "items": {
+            "type": "object", "additionalProperties": False, "required": ["box"],
+            "properties": {**_CONDITION, "box": {"type": "array", "minItems": 4, "maxItems": 4,
+                                                 "items": {"type": "number", "minimum": 0, "maximum": 1}}}}}},
+    "example": {"background": {"prompt": "a blue circle"},
+                "objects": [{"prompt": "a red square", "box": [0.0, 0.0, 0.5, 0.5]},
+                            {"prompt": "a green triangle", "box": [0.5, 0.5, 1.0, 1.0]}]}}
+Regions = Annotated[RegionSpec, PlainValidator(_regions), PlainSerializer(region_data),
+                    WithJsonSchema(_REGIONS_SCHEMA)]
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -36,13 +141,20 @@ class GenerateRequest(BaseModel):
     version: Optional[str] = Field(None, max_length=128,
                                    description="Version of that model; default: its default (or a canary share)")
     allow_fallback: bool = Field(False, description="Under load, accept the model's registered few-step fallback")
-    class_label: Optional[int] = Field(None, ge=0, le=100_000,
+    class_label: Optional[int] = Field(None, ge=0, le=MAX_CLASS_LABEL,
                                        description="A class model's class to generate, 0..num_classes-1")
     prompt: Optional[Prompt] = Field(None, description=f"A text model's prompt: printable text, at most "
                                      f"{MAX_PROMPT_CHARS} characters; tokens past the model's max_tokens are "
                                      "not read; \"\": unconditional")
     negative_prompt: Optional[Prompt] = Field(None, description="A text model's negative prompt: what guidance "
                                               "steers away from (default: the empty prompt)")
+    regions: Optional[Regions] = Field(None, description=f"Region control, instead of prompt or class_label: a "
+                                       f"background and up to {MAX_OBJECTS} objects in boxes (GET /v1/models: "
+                                       "which methods a version takes)")
+    region_method: Optional[RegionMethod] = Field(None, description="How regions are composed: multidiffusion "
+                                                  "(default; the net once per region, predictions blended with "
+                                                  "feathered box masks) or attention (text models; one call, each "
+                                                  "object's prompt seen only inside its box)")
     seed: int = Field(0, ge=0, lt=2**62, description="Image i uses seed + i: same seed, same image")
     num_images: int = Field(1, ge=1, le=1024, description="Images to generate (the deployment's max_images bounds it)")
     sampler: Optional[Sampler] = Field(None, description="ODE or consistency sampler; default: the checkpoint's")
@@ -59,6 +171,8 @@ class GenerateResponse(BaseModel):
     class_label: Optional[int] = Field(None, description="A class model's class")
     prompt: Optional[str] = Field(None, description="A text model's prompt")
     negative_prompt: Optional[str] = Field(None, description="A text model's negative prompt, if given")
+    regions: Optional[dict] = Field(None, description="The regions, if given (background, objects with boxes)")
+    region_method: Optional[str] = Field(None, description="How the regions were composed, if given")
     sampler: str
     steps: int
     guidance: float
