@@ -31,6 +31,7 @@ Arch = _choices("Arch", BACKBONES)
 Conditioning = _choices("Conditioning", ("class", "text"))
 Objective = _choices("Objective", OBJECTIVES)
 TimeSampling = _choices("TimeSampling", ("uniform", "logit_normal"))
+Target = _choices("Target", ("sample", "stable"))
 Prediction = _choices("Prediction", ("eps", "v", "x0"))
 Schedule = _choices("Schedule", ("cosine", "vp_linear"))
 Jvp = _choices("Jvp", ("auto", "forward", "double_backward", "finite_difference"))
@@ -94,6 +95,9 @@ class DataConfig:
 class ObjectiveConfig:
     name: Objective = "rectified_flow"  # a key of dtrain.diffusion.OBJECTIVES: rectified_flow | ddpm | mean_flow
     time_sampling: TimeSampling = "logit_normal"  # how t is drawn in training: uniform | logit_normal (SD3)
+    # rectified_flow pretraining only: regress each pair's own velocity (sample), or the stable target field,
+    # the posterior-weighted mean over the batch's points of the same condition (stable; dtrain.diffusion.flow)
+    target: Target = "sample"
     prediction: Prediction = "eps"  # ddpm only: what the net predicts, eps | v | x0 (rectified flow predicts velocity)
     schedule: Schedule = "cosine"  # ddpm only: noise schedule, cosine | vp_linear
     # mean_flow only (a one-step flow map, dtrain.diffusion.meanflow; needs model.flow_map=true):
@@ -360,6 +364,9 @@ def validate(cfg: Config) -> None:
     _check((o.name == "mean_flow") <= m.flow_map, "model.flow_map", "objective mean_flow trains a flow map: "
            "set model.flow_map=true")
     _check(0.0 <= o.jump_share <= 1.0, "objective.jump_share", "must be in [0, 1]")
+    _check(o.target == "sample" or (o.name == "rectified_flow" and st.name == "pretrain"), "objective.target",
+           f"stable is a flow-matching target on independent noise: it needs objective.name=rectified_flow and "
+           f"stage.name=pretrain (got {o.name}, {st.name})")
     _check(not (o.name == "mean_flow" and o.jvp in ("forward", "double_backward") and t.zero_stage == 3),
            "objective.jvp", "under ZeRO-3 neither forward-mode AD (its partitioned linear layers have no jvp "
            "rule) nor a double backward (it releases the weights) passes: use finite_difference, or auto")

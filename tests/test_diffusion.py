@@ -64,7 +64,8 @@ def test_objective_is_reproducible_with_a_generator():
 
 
 def test_build_objective_and_prediction_and_path_from_config():
-    rf = SimpleNamespace(name="rectified_flow", time_sampling="logit_normal", prediction="eps", schedule="cosine")
+    rf = SimpleNamespace(name="rectified_flow", time_sampling="logit_normal", prediction="eps", schedule="cosine",
+                         target="sample")
     assert isinstance(build_objective(rf), RectifiedFlowLoss)
     assert prediction_and_path(rf) == ("velocity", PATHS["linear"])
     dd = SimpleNamespace(name="ddpm", time_sampling="uniform", prediction="v", schedule="vp_linear")

@@ -154,6 +154,19 @@ class Pretrain(Stage):
     def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None = None) -> None:
         if isinstance(self.objective, MeanFlowLoss):
             _check_difference_precision(self.objective, cfg, dtype)
+        if isinstance(self.objective, RectifiedFlowLoss) and self.objective.target == "stable":
+            _no_embedder_dropout(engine.module)  # the stable target must know the null rows: the loss drops them
+            self.objective.drop_conditions(null_condition(cfg.model), cfg.model.class_dropout)
+
+
+def _no_embedder_dropout(net: torch.nn.Module) -> None:
+    """Turn off the backbone's own condition dropout, for an objective that drops conditions itself."""
+    from dtrain.models.layers import LabelEmbedder
+    from dtrain.models.text import TextEncoder
+
+    for m in net.modules():
+        if isinstance(m, (LabelEmbedder, TextEncoder)):
+            m.dropout = 0.0
 
 
 @register
@@ -213,13 +226,8 @@ class Distillation(Stage):
                             "intervals": list(st.intervals)})
 
     def attach(self, engine, cfg, world: int, dtype: torch.dtype, start: int, resume: Path | None = None) -> None:
-        from dtrain.models.layers import LabelEmbedder
-        from dtrain.models.text import TextEncoder
-
         self.cfg, self.engine = cfg, engine
-        for m in engine.module.modules():  # the objective drops conditions itself, the same for every net
-            if isinstance(m, (LabelEmbedder, TextEncoder)):
-                m.dropout = 0.0
+        _no_embedder_dropout(engine.module)  # the objective drops conditions itself, the same for every net
         self.teach(self._teacher(cfg, world, dtype), cfg, world, dtype, start, resume)
 
     def _teacher(self, cfg, world: int, dtype: torch.dtype):
