@@ -88,12 +88,15 @@ def invert_image(net, cfg, x: torch.Tensor, cond: torch.Tensor, steps: int, guid
 @torch.no_grad()
 def edit(net, cfg, x: torch.Tensor, source_cond: torch.Tensor, target_cond: torch.Tensor, strength: float, steps: int,
          guidance: float = 1.0, scheme: str = "fixed_point", refine: int | None = None, mask: torch.Tensor | None = None,
-         attention_replace: bool = False, replace_fraction: float = REPLACE_FRACTION) -> Edited:
+         attention_replace: bool = False, replace_fraction: float = REPLACE_FRACTION, watermark=None) -> Edited:
     """x [B, C, h, w] (what `source_cond` describes) edited towards `target_cond`: inverted to t0 = 1 -
     strength, then `round(strength steps)` DDIM steps back to t = 1 under the target. mask: [h, w] or
     [B, h, w] in [0, 1], 1 where the edit may change the image; the result equals x where it is 0.
     attention_replace: inject the source prompt's cross-attention maps over the first `replace_fraction`
-    of the steps (text models only; an extra source-branch call per injected step)."""
+    of the steps (text models only; an extra source-branch call per injected step). watermark: a
+    dtrain.watermark.WatermarkKey whose signs the state at t0's noise estimate takes before regenerating
+    (Gaussian Shading of what the regeneration starts from, `_shade_noise`; one more call, doubled with
+    guidance; strength 0 returns the input, unmarked)."""
     _check_strength(strength)
     if not 0.0 <= replace_fraction <= 1.0:
         raise EditError(f"replace_fraction {replace_fraction}: must be in [0, 1]")
@@ -106,6 +109,8 @@ def edit(net, cfg, x: torch.Tensor, source_cond: torch.Tensor, target_cond: torc
         target = _denoiser(net, cfg, _batch(x, target_cond, cfg), guidance, device)
         source = _denoiser(net, cfg, source_cond, guidance, device)
         ts, y = inv.times.to(device), inv.noise
+        if watermark is not None:
+            y = _shade_noise(source, y, ts[0], watermark)
         y_src, m = y, None if m is None else m.to(device)
         inject = 0 if maps is None else round(replace_fraction * (len(ts) - 1))
         try:
@@ -222,6 +227,15 @@ def _mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if not bool(((mask >= 0) & (mask <= 1)).all()):
         raise EditError("mask values must be in [0, 1] (1: edit, 0: keep)")
     return mask.float().reshape(-1, 1, *mask.shape[-2:])
+
+
+def _shade_noise(d: Denoiser, y: torch.Tensor, t: torch.Tensor, watermark) -> torch.Tensor:
+    """y [B, C, h, w] at time t with its noise estimate's signs set by the watermark key: y = alpha x_hat +
+    sigma eps_hat becomes alpha x_hat + sigma shade(eps_hat) (magnitudes kept, so still N(0, 1) over keys).
+    At the noise end this is the watermarked sampler's start; nearer the data, less of y is noise and less of
+    the image is decided by it."""
+    eps = d.x_eps(y, t.expand(y.shape[0]).to(y))[1]
+    return y + d.path.sigma(t.to(y)) * (watermark.shade(eps) - eps)
 
 
 def _nfe(d: Denoiser, guidance: float) -> int:

@@ -499,3 +499,40 @@ def test_regions_over_http_on_ray_serve(words_served, text_checkpoint):
         pixels(b).tolist() for b in first["images"]], state
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "regions", "objects", 2, "box"], bad.text
     assert denied.status_code == 400 and denied.json()["detail"]["field"] == "regions.background.prompt", denied.text
+
+
+@pytest.mark.slow
+def test_edits_over_http_on_ray_serve(words_served, text_checkpoint):
+    """POST /v1/edit on the prompts' deployment (the fast tests are tests/test_serving_edit.py): sent with a
+    plain prompt, so in one batch, an edit is a model call of its own and gets the image of
+    dtrain.editing.edit in this process with the deployment's watermark; the manifest names the image sent
+    as its parent ingredient; the same edit again is the cache's bytes; a bad image is a 422 naming the
+    field, a denied word in the target prompt a 400."""
+    from dtrain.editing import edit
+    from dtrain.generation import conditions
+    from dtrain.images import png_bytes, to_uint8
+    from dtrain.provenance import verify_png
+    from dtrain.watermark import key_for_serving
+
+    source = np.random.default_rng(4).integers(0, 256, (8, 8), dtype=np.uint8)
+    body = {"image": base64.b64encode(png_bytes(source)).decode(), "source_prompt": "a red circle",
+            "prompt": "a blue circle", "strength": 0.6, "steps": 2}
+    with httpx.Client(base_url=words_served, timeout=60) as c, ThreadPoolExecutor(2) as pool:
+        edited, plain = pool.map(lambda a: c.post(a[0], json=a[1]), [("/v1/edit", body),
+                                                                     ("/v1/generate", {"prompt": "a", "steps": 2})])
+        again = c.post("/v1/edit", json=body)
+        bad = c.post("/v1/edit", json={**body, "mask": base64.b64encode(png_bytes(source[:7, :7])).decode()})
+        denied = c.post("/v1/edit", json={**body, "prompt": "a FORBIDDEN circle"})
+    assert edited.status_code == 200 and plain.status_code == 200, (edited.text, plain.text)
+    m = loaded(text_checkpoint)
+    src, tgt = conditions(m.cfg, m.tokenizer, ["a red circle", "a blue circle"]).chunk(2)
+    want = edit(m.net, m.cfg, torch.from_numpy(source).float()[None, None] / 127.5 - 1, src, tgt, 0.6, 2, 2.0,
+                watermark=key_for_serving(None))
+    got = edited.json()
+    assert np.abs(pixels(got["image"]).astype(int) - to_uint8(want.image)[0].astype(int)).max() <= 1
+    assert got["nfe"] == want.nfe and got["watermark_key_id"] == key_for_serving(None).key_id
+    v = verify_png(base64.b64decode(got["image"]))
+    assert v["valid"] and v["ingredients"][0]["relationship"] == "parentOf" and v["generation"]["edit"]["strength"] == 0.6
+    assert again.headers["x-cache"] == "hit" and again.content == edited.content
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "mask"], bad.text
+    assert denied.status_code == 400 and denied.json()["detail"]["field"] == "prompt", denied.text

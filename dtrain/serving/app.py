@@ -6,9 +6,13 @@
                         of how each was made
     POST /v1/jobs      the same body -> a job id at once; GET /v1/jobs/{id} its state and, when done, the
                        images; DELETE /v1/jobs/{id} cancels it; GET /v1/jobs/{id}/events streams progress
+    POST /v1/edit      {model, version, image, prompt | class_label, source_prompt | source_class, strength,
+                        steps, guidance, scheme, mask, attention_replace} -> the image inverted along the
+                        model's ODE and regenerated under the target (dtrain.editing), watermarked, signed
+                        with a manifest that records the edit and names the image sent as its parent
     POST /v1/detect    {image, model, version, steps} -> is the image watermarked with that key
     GET  /v1/models    the registered models and versions: stage, lineage, conditioning (class or text,
-                       with its classes or prompt limits), region control, default sampler and steps
+                       with its classes or prompt limits), region control, editing, default sampler and steps
     GET  /healthz      a real one-step sample on a sampler replica
     GET  /docs         Swagger UI, served from a package (works offline)
 
@@ -29,8 +33,6 @@ fallback, defaults, bounds) is planned by a pure function (dtrain.serving.planni
 (dtrain.serving.ingress) holds the handles, the admission gate, the quotas and the cache.
 """
 # No `from __future__ import annotations` here: FastAPI must see the real request types.
-import base64
-import binascii
 import json
 import logging
 from typing import Any, Optional
@@ -42,6 +44,8 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from dtrain.checkpoint import read_config, read_meta
+from dtrain.diffusion import prediction_and_path
+from dtrain.editing import SCHEMES
 from dtrain.provenance import ProvenanceSigner, signer_for_serving
 from dtrain.regions import MAX_OBJECTS, METHODS, Region, RegionError, RegionSpec, check_model
 from dtrain.serving import job_routes
@@ -51,9 +55,11 @@ from dtrain.serving.docs import serve_docs_offline
 from dtrain.serving.ingress import IngressReplica
 from dtrain.serving.jobs import JobBoard
 from dtrain.serving.sampler import Sampler, replica_gpus
-from dtrain.serving.schemas import (MAX_PROMPT_CHARS, DetectRequest, DetectResponse, GenerateRequest,
-                                   GenerateResponse, Health)
-from dtrain.watermark import decode_for_model, key_for_serving
+from dtrain.serving.planning import PlanError
+from dtrain.serving.schemas import (MAX_PROMPT_CHARS, DetectRequest, DetectResponse, EditRequest, EditResponse,
+                                   GenerateRequest, GenerateResponse, Health)
+from dtrain.serving.uploads import DETECT_FORMATS, as_model_input, decode_upload
+from dtrain.watermark import key_for_serving
 
 logger = logging.getLogger("ray.serve")
 
@@ -114,6 +120,21 @@ async def generate(req: GenerateRequest, response: Response, owner: Tenant, ingr
 v1.include_router(job_routes.router)  # /v1/jobs...: the same generation, answered at once with an id
 
 
+@v1.post("/v1/edit", response_model=EditResponse,
+         responses={400: {"description": "Refused by the input policy, or a version that cannot edit: detail.code "
+                                         "says why"},
+                    401: {"description": "Missing or unknown bearer token"},
+                    422: {"description": "A field that does not fit, named: image or mask not a PNG or JPEG of the "
+                                         "model's size and channels, too long, ..."},
+                    429: {"description": "Over the tenant's quota: retry after Retry-After seconds"},
+                    503: {"description": "Overloaded or timed out: retry after Retry-After seconds"}})
+async def edit(req: EditRequest, response: Response, owner: Tenant, ingress: IngressDep) -> EditResponse:
+    """Edit an image: invert it along the version's ODE to t0 = 1 - strength under the source condition,
+    regenerate it under the target (optionally only where the mask is white; with prompt-to-prompt
+    attention replacement). Counts against the quota as the plain images its network evaluations are worth."""
+    return await ingress.edit(req, response, owner)
+
+
 @v1.post("/v1/detect", response_model=DetectResponse,
          responses={400: {"description": "Nothing to detect: detail.code says why"},
                     401: {"description": "Missing or unknown bearer token"},
@@ -131,12 +152,13 @@ async def detect(req: DetectRequest, ingress: IngressDep) -> DetectResponse:
                                                   "model's images needs its VAE encoder, which is not wired yet"})
     if (req.steps or info["defaults"]["steps"]) > ingress.args.max_steps:
         raise ingress.invalid("steps", f"must be <= {ingress.args.max_steps}")
-    try:
-        image = decode_for_model(base64.b64decode(req.image, validate=True),
-                                 (info["channels"], info["image_size"], info["image_size"]))
-    except (binascii.Error, ValueError) as e:
-        raise ingress.invalid("image", str(e)) from None
-    (found,) = await ingress.call("detect", image[None], req.steps, model_id=f"{name}/{version}")
+    try:  # the common formats, colour converted to the model's channels; the size read from the header first
+        image = decode_upload(req.image, "image", (info["channels"], info["image_size"], info["image_size"]),
+                              formats=DETECT_FORMATS, convert=True)
+    except PlanError as e:
+        raise ingress.invalid(e.field, e.msg) from None
+    (found,) = await ingress.call("detect", as_model_input(image.pixels)[None], req.steps,
+                                  model_id=f"{name}/{version}")
     return DetectResponse(model=name, version=version, **found)
 
 
@@ -153,7 +175,7 @@ def version_info(name: str, version: str, checkpoint: str) -> dict:
     """What a client may know of one version: its stage and lineage, what it is conditioned on (a class
     model's class count; a text model's prompt limits: characters taken, tokens read), its backbone, its
     region control (the methods it takes, the most objects; None for a vector model) and its sampling
-    defaults."""
+    defaults, and what of editing it takes (`edit_support`)."""
     cfg, meta = read_config(checkpoint), read_meta(checkpoint)
     s, m = cfg.sample, cfg.model
     cond = ({"num_classes": m.num_classes} if m.conditioning == "class"
@@ -164,7 +186,22 @@ def version_info(name: str, version: str, checkpoint: str) -> dict:
             **cond, "arch": str(m.arch), "image_size": cfg.model.image_size, "channels": cfg.model.in_channels,
             "flow_map": cfg.model.flow_map, "latent": isinstance(meta.get("latents"), dict),
             "regions": {"methods": methods, "max_objects": MAX_OBJECTS} if methods else None,
+            "edit": edit_support(cfg, meta),
             "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}}
+
+
+def edit_support(cfg, meta: dict) -> dict:
+    """What POST /v1/edit takes on a version: its inversion schemes and whether attention replacement (a
+    text model's); or why it cannot edit ("unsupported"): a vector model, a latent one (its images would
+    need the VAE's encoder), an x0-predicting one (no noise estimate at the data end to invert from)."""
+    m = cfg.model
+    if m.arch == "mlp":
+        return {"unsupported": "it samples vectors (model.arch=mlp), not images"}
+    if isinstance(meta.get("latents"), dict):
+        return {"unsupported": "a latent model's images need its VAE encoder, which is not wired yet"}
+    if prediction_and_path(cfg.objective)[0] == "x0":
+        return {"unsupported": "it predicts x0, so it has no noise estimate at the data end to invert from"}
+    return {"schemes": list(SCHEMES), "attention_replace": m.conditioning == "text"}
 
 
 def region_methods(cfg) -> list[str]:
@@ -251,7 +288,7 @@ def run_blocking(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> 
     finally:
         logger.removeFilter(quiet)
     models = {name: list(spec.versions) for name, spec in args.models.items()}
-    print(f"serving {models} at http://{host}:{port}  (POST /v1/generate, POST /v1/detect, GET /v1/models, "
+    print(f"serving {models} at http://{host}:{port}  (POST /v1/generate, POST /v1/edit, POST /v1/detect, GET /v1/models, "
           f"GET /healthz, docs at /docs); watermark key {key.key_id if key else 'off'}", flush=True)
     import signal
     import threading

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dtrain import storage
 from dtrain.checkpoint import checkpoint_uri, resolve
 from dtrain.serving.policy import compile_rules
+from dtrain.serving.schemas import MAX_IMAGE_CHARS
 
 
 class _Strict(BaseModel):
@@ -103,6 +104,13 @@ class ServeArgs(_Strict):
                                               "(Gaussian Shading in the initial noise; POST /v1/detect finds it)")
     watermark_key_file: Optional[str] = Field(None, description="the watermark key, 64 hex digits; default "
                                                                 "~/.config/dtrain/watermark.key, created on first use")
+    watermark_edits: bool = Field(True, description="with watermark on: shade the key into an edit's inverted noise "
+                                                    "before it is regenerated (POST /v1/edit). Marks the edit (found by "
+                                                    "/v1/detect at high strengths) but keeps less of the image: "
+                                                    "docs/serving.md, Editing")
+    max_image_chars: int = Field(1 << 20, ge=1, le=MAX_IMAGE_CHARS,
+                                 description="largest image (and mask) POST /v1/edit takes, in characters of base64 "
+                                             "(1 MiB: a file of 768 KiB); a longer one is a 422 naming the field")
     provenance: bool = Field(True, description="sign every served PNG with a C2PA manifest (model, version, stage, "
                                                "lineage, sampler, steps, seed, class or prompt and negative "
                                                "prompt or regions, watermark key id)")

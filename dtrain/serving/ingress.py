@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import random
 import time
@@ -18,16 +19,17 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from dtrain.images import png_bytes
-from dtrain.provenance import ProvenanceSigner
+from dtrain.provenance import Ingredient, ProvenanceSigner
 from dtrain.regions import RegionSpec
 from dtrain.serving import planning
 from dtrain.serving.auth import BearerAuth
 from dtrain.serving.config import ServeArgs, TenantPolicy
 from dtrain.serving.metrics import IngressMetrics
-from dtrain.serving.planning import Plan, PlanError
+from dtrain.serving.planning import Plan, PlanError, Unsupported
 from dtrain.serving.policy import InputPolicy
-from dtrain.serving.schemas import GenerateRequest, GenerateResponse, field_loc, region_data
+from dtrain.serving.schemas import EditRequest, EditResponse, GenerateRequest, GenerateResponse, field_loc, region_data
 from dtrain.serving.tenancy import PriorityGate, Quotas
+from dtrain.serving.uploads import Upload, decode_upload
 
 logger = logging.getLogger("ray.serve")
 
@@ -117,7 +119,7 @@ class IngressReplica:
             raise self.refuse(429, "quota", {"code": "quota", "message": f"over the quota of {tenant}: retry "
                                              f"after {wait} s"}, {"Retry-After": str(wait)})
 
-    def check_policy(self, req: GenerateRequest) -> None:
+    def check_policy(self, req: GenerateRequest | EditRequest) -> None:
         """The input policy (dtrain.serving.policy), before routing or any compute: a denied class or
         prompt is refused with 400 and a reason code, counted, and logged with the field and the rule
         that refused it only (never the token, the prompt or the body)."""
@@ -172,6 +174,82 @@ class IngressReplica:
         finally:
             self.in_flight -= 1
 
+    def plan_edit(self, req: EditRequest) -> tuple[Plan, Upload]:
+        """An edit routed and checked (dtrain.serving.planning.plan_edit), its image and mask decoded against
+        the version's shape within the deployment's bounds (dtrain.serving.uploads): 422 naming the field
+        that does not fit, 400 `unsupported` for a version that cannot edit. Returns the plan and the image
+        as sent (the manifest's parent ingredient)."""
+        limit = self.args.max_image_chars
+        try:
+            # routed first (a canary share drawn here): the image is read against the version that will edit it
+            name, version, _ = planning.route(req, self.specs, 0, random.random)
+            info = self.catalog[name][version]
+            shape = (info["channels"], info["image_size"], info["image_size"])
+            if "unsupported" in (info.get("edit") or {}):
+                raise Unsupported(f"{name}/{version} cannot edit images: {info['edit']['unsupported']}")
+            source = decode_upload(req.image, "image", shape, limit)
+            mask = None if req.mask is None else decode_upload(req.mask, "mask", (1, *shape[1:]), limit).pixels.tobytes()
+            plan = planning.plan_edit(req.model_copy(update={"model": name, "version": version}), self.specs,
+                                      self.catalog, source.pixels.tobytes(), mask, max_steps=self.args.max_steps,
+                                      watermark=self.key_id is not None and self.args.watermark_edits,
+                                      draw=random.random)
+        except PlanError as e:
+            raise self.invalid(e.field, e.msg) from None
+        except Unsupported as e:
+            raise self.refuse(400, "unsupported", {"code": "unsupported", "message": str(e)}) from None
+        return plan, source
+
+    async def edit(self, req: EditRequest, response: Response, tenant: str) -> EditResponse:
+        """An edit answered in full: input policy, plan (the image decoded), quota, then the cache or the
+        samplers; the answer signed with the image sent as its parent ingredient."""
+        started = time.perf_counter()
+        self.check_policy(req)
+        self.in_flight += 1
+        try:
+            plan, source = self.plan_edit(req)
+            self.check_quota(tenant, plan.job.cost)
+            # the job holds the source's pixels; the file as sent is the manifest's ingredient, so it keys too
+            key = (self.args.models[plan.name].versions[plan.version], "edit", plan.job,
+                   hashlib.sha256(source.data).digest(), self.key_id)
+            if self.cache is not None:
+                hit = self.cache.get(key)
+                self.metrics.cache.inc(tags={"result": "miss" if hit is None else "hit"})
+                response.headers["X-Cache"] = "miss" if hit is None else "hit"
+                if hit is not None:
+                    return hit
+            images = await self.sample(plan, tenant)
+            answer = await self.answer_edit(plan, images, source, started)
+            if self.cache is not None:
+                self.cache[key] = answer
+            return answer
+        finally:
+            self.in_flight -= 1
+
+    async def answer_edit(self, plan: Plan, images: Any, source: Upload, started: float) -> EditResponse:
+        """The response to an edit: its PNG, signed last with a manifest recording the edit and naming the
+        image sent as its parent ingredient (c2pa.opened, then c2pa.edited)."""
+        job, info, e = plan.job, plan.info, plan.job.edit
+        encoding = time.perf_counter()
+        png = png_bytes(images[0])
+        key_id = self.key_id if e.watermark else None
+        if self.signer is not None:
+            signing = time.perf_counter()
+            how = {"model": plan.name, "version": plan.version, "stage": info["stage"],
+                   "lineage": {"parent": info["parent"], "teacher": info["teacher"]}, "sampler": job.sampler,
+                   "steps": job.steps, "guidance": job.guidance, **condition_record(job),
+                   "edit": edit_record(job, source), "nfe": job.nfe, "watermark_key_id": key_id}
+            parent = Ingredient(source.data, source.mime, fallback=png_bytes(_hwc(source.pixels)))
+            png = await asyncio.to_thread(self.signer.sign_png, png, how, f"dtrain {plan.name} edit", parent)
+            self.metrics.stage_seconds.observe(time.perf_counter() - signing, tags={"stage": "sign"})
+        done = time.perf_counter()
+        self.metrics.stage_seconds.observe(done - encoding, tags={"stage": "encode"})
+        self.metrics.stage_seconds.observe(done - started, tags={"stage": "total"})
+        return EditResponse(model=plan.name, version=plan.version, stage=info["stage"], prompt=job.prompt,
+                            source_prompt=e.source_prompt, class_label=job.class_label, source_class=e.source_class,
+                            strength=e.strength, steps=job.steps, guidance=job.guidance, scheme=e.scheme,
+                            mask=e.mask is not None, attention_replace=e.attention_replace, nfe=job.nfe,
+                            watermark_key_id=key_id, image=base64.b64encode(png).decode())
+
     async def answer(self, plan: Plan, images: Any, started: float) -> GenerateResponse:
         """The response for a plan's images: PNGs, signed last (nothing may change the bytes after)."""
         job, info = plan.job, plan.info
@@ -208,6 +286,22 @@ def condition_record(job: planning.Job) -> dict:
     if job.prompt is None:
         return {"class_label": job.class_label}
     return {"prompt": job.prompt, **negative}
+
+
+def edit_record(job: planning.Job, source: Upload) -> dict:
+    """An edit's parameters for its provenance record (numbers in objects, never arrays: see region_record),
+    and the image it was made from, by its SHA-256, type and size (the manifest's ingredient is that image)."""
+    e = job.edit
+    cond = {"source_prompt": e.source_prompt} if e.source_prompt is not None else {"source_class": e.source_class}
+    return {"strength": e.strength, "scheme": e.scheme, **cond, "mask": e.mask is not None,
+            "attention_replace": e.attention_replace,
+            "source": {"sha256": hashlib.sha256(source.data).hexdigest(), "format": source.mime,
+                       "bytes": len(source.data)}}
+
+
+def _hwc(pixels) -> Any:
+    """uint8 [C, H, W] -> what png_bytes takes: [H, W] or [H, W, C]."""
+    return pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
 
 
 def region_record(spec: RegionSpec) -> dict:

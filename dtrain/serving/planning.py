@@ -13,11 +13,46 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 from dtrain.diffusion.samplers import misfit
 from dtrain.diffusion.samplers import nfe as plain_nfe
+from dtrain.editing import FIXED_POINT_REFINE, REPLACE_FRACTION
 from dtrain.regions import METHODS, RegionError, RegionSpec, check_model, region_nfe
 
 if TYPE_CHECKING:
     from dtrain.serving.config import ModelSpec
-    from dtrain.serving.schemas import GenerateRequest
+    from dtrain.serving.schemas import EditRequest, GenerateRequest
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """What an edit job (`Job.edit`) runs besides its target condition: the source image's pixels (uint8
+    [C, H, W] as bytes, decoded and checked by the ingress), how far back it is inverted, by which scheme,
+    under which source condition (a text model's prompt, "" the empty one; a class model's class, None the
+    null class), an optional mask (uint8 [H, W] as bytes: 255 may change, 0 kept), prompt-to-prompt, and
+    whether the deployment's watermark is shaded into it (dtrain.editing.edit's `watermark`)."""
+    image: bytes
+    shape: tuple[int, int, int]
+    strength: float
+    scheme: str = "fixed_point"
+    source_prompt: Optional[str] = None
+    source_class: Optional[int] = None
+    mask: Optional[bytes] = None
+    attention_replace: bool = False
+    watermark: bool = False
+
+
+def edit_nfe(strength: float, steps: int, guidance: float, scheme: str = "fixed_point",
+             attention_replace: bool = False, watermark: bool = False) -> int:
+    """Network evaluations of dtrain.editing.edit per image, as it counts them: n = round(strength steps)
+    (at least 1) steps inverted (1 + FIXED_POINT_REFINE calls each by fixed_point, 1 by euler) and
+    regenerated (1 each), a source-branch call on each of the first round(REPLACE_FRACTION n) steps with
+    attention replacement, one call for the watermark's noise estimate; doubled with guidance. Strength 0
+    returns the input: none."""
+    if strength == 0:
+        return 0
+    n = max(1, round(strength * steps))
+    calls = n * (1 + (FIXED_POINT_REFINE if scheme == "fixed_point" else 0)) + n
+    calls += round(REPLACE_FRACTION * n) if attention_replace else 0
+    calls += 1 if watermark else 0
+    return calls * (1 if guidance == 1.0 else 2)
 
 
 @dataclass(frozen=True)
@@ -36,15 +71,24 @@ class Job:
     job_id: Optional[str] = None  # an asynchronous job (dtrain.serving.jobs): cancellable between steps
     regions: Optional[RegionSpec] = None
     region_method: Optional[str] = None  # with regions: one of dtrain.regions.METHODS
+    edit: Optional[EditSpec] = None  # an edit (POST /v1/edit): one image, no seeds; sampler "ddim"
 
     @property
     def key(self) -> tuple[str, int, float]:
         return self.sampler, self.steps, self.guidance
 
     @property
+    def images(self) -> int:
+        """Images the job makes: one per seed, or an edit's one."""
+        return 1 if self.edit is not None else len(self.seeds)
+
+    @property
     def nfe(self) -> int:
         """Network evaluations per image: the sampler's, or region_nfe (multidiffusion runs the net once
-        per distinct region on the conditional side)."""
+        per distinct region on the conditional side), or an edit's (edit_nfe)."""
+        if self.edit is not None:
+            e = self.edit
+            return edit_nfe(e.strength, self.steps, self.guidance, e.scheme, e.attention_replace, e.watermark)
         if self.regions is None:
             return plain_nfe(self.sampler, self.steps, self.guidance)
         return region_nfe(self.regions, self.sampler, self.steps, self.guidance, self.region_method)
@@ -53,8 +97,9 @@ class Job:
     def cost(self) -> int:
         """What the job counts as against a tenant's image quota and the ingress's admission gate: its
         images, each weighed by its NFE against a plain image's at the same settings (rounded up), so a
-        request costs what it runs: 3 regions, 16 Euler steps at guidance 2 cost 2 images per image."""
-        return -(-len(self.seeds) * self.nfe // plain_nfe(self.sampler, self.steps, self.guidance))
+        request costs what it runs: 3 regions, 16 Euler steps at guidance 2 cost 2 images per image; an
+        edit at strength 0.8 with fixed-point inversion 5. At least 1: even an edit at strength 0 is served."""
+        return max(1, -(-self.images * self.nfe // plain_nfe(self.sampler, self.steps, self.guidance)))
 
 
 @dataclass(frozen=True)
@@ -93,17 +138,17 @@ def known_version(specs: Mapping[str, ModelSpec], name: str, version: str) -> st
     return version
 
 
-def route(req: GenerateRequest, specs: Mapping[str, ModelSpec], in_flight: int,
+def route(req: GenerateRequest | EditRequest, specs: Mapping[str, ModelSpec], in_flight: int,
           draw: Callable[[], float]) -> tuple[str, str, bool]:
     """(model, version, fallback used) for a request: as named, else the default or a canary share (when
-    `draw()` < its weight); the spike fallback when the request allows it and the ingress holds more than
-    its threshold (`in_flight`, this request included)."""
+    `draw()` < its weight); the spike fallback when the request allows it (an edit never does) and the
+    ingress holds more than its threshold (`in_flight`, this request included)."""
     name = model_name(specs, req.model)
     spec = specs[name]
     if req.version is not None:
         return name, known_version(specs, name, req.version), False
     fb = spec.fallback
-    if req.allow_fallback and fb and in_flight > fb.when_in_flight_over:
+    if getattr(req, "allow_fallback", False) and fb and in_flight > fb.when_in_flight_over:
         return name, fb.version, True
     if spec.canary and draw() < spec.canary.weight:
         return name, spec.canary.version, False
@@ -177,3 +222,59 @@ def region_misfit(req: GenerateRequest, info: Mapping, model_id: str) -> None:
         if not field.startswith("regions"):
             field, msg = "region_method", str(e)
         raise PlanError(field, f"{msg} ({model_id})") from None
+
+
+class Unsupported(Exception):
+    """A version that cannot do what is asked (an edit of a latent, vector or x0-predicting model): 400."""
+
+
+def plan_edit(req: EditRequest, specs: Mapping[str, ModelSpec], catalog: Mapping[str, Mapping[str, dict]],
+              image: bytes, mask: Optional[bytes], *, max_steps: int, watermark: bool,
+              draw: Callable[[], float]) -> Plan:
+    """An edit routed (as named, else the default or a canary share; never the spike fallback: a few-step
+    student would invert another ODE) and checked against that version: its conditioning (edit_misfit), the
+    deployment's steps. `image` and `mask` are the decoded pixels (uint8 [C, H, W] and [H, W] as bytes, of
+    the version's shape: dtrain.serving.uploads). Unsupported for a version that cannot edit."""
+    name, version, _ = route(req, specs, 0, draw)
+    info = catalog[name][version]
+    model_id = f"{name}/{version}"
+    support = info.get("edit") or {}
+    if "unsupported" in support:
+        raise Unsupported(f"{model_id} cannot edit images: {support['unsupported']}")
+    d = info["defaults"]
+    steps = req.steps or d["steps"]
+    guidance = d["guidance"] if req.guidance is None else req.guidance
+    edit_misfit(req, info, model_id)
+    if steps > max_steps:
+        raise PlanError("steps", f"must be <= {max_steps}")
+    text = info.get("conditioning", "class") == "text"
+    spec = EditSpec(image, (info["channels"], info["image_size"], info["image_size"]), req.strength, req.scheme,
+                    source_prompt=(req.source_prompt or "") if text else None, source_class=req.source_class,
+                    mask=mask, attention_replace=req.attention_replace, watermark=watermark and req.strength > 0)
+    return Plan(name, version, False, info, Job(req.class_label, (), "ddim", steps, guidance, req.prompt, edit=spec))
+
+
+def edit_misfit(req: EditRequest, info: Mapping, model_id: str) -> None:
+    """A text model takes prompt (the target; required) and source_prompt; a class model class_label (the
+    target; required) and source_class, both below its class count; attention replacement needs a text
+    model. PlanError naming the field otherwise."""
+    if info.get("conditioning", "class") == "text":
+        for field in ("class_label", "source_class"):
+            if getattr(req, field) is not None:
+                raise PlanError(field, f"{model_id} is text-conditioned: give prompt and source_prompt, not {field}")
+        if req.prompt is None:
+            raise PlanError("prompt", f"required: {model_id} is text-conditioned (the prompt the image is edited to)")
+        return
+    for field in ("prompt", "source_prompt"):
+        if getattr(req, field) is not None:
+            raise PlanError(field, f"{model_id} is class-conditional: give class_label and source_class, not {field}")
+    if req.class_label is None:
+        raise PlanError("class_label", f"required: {model_id} is class-conditional (the class the image is edited "
+                                       f"to, 0..{info['num_classes'] - 1})")
+    for field in ("class_label", "source_class"):
+        value = getattr(req, field)
+        if value is not None and value >= info["num_classes"]:
+            raise PlanError(field, f"must be < {info['num_classes']}")
+    if req.attention_replace:
+        raise PlanError("attention_replace", f"replaces cross-attention maps: it needs a text model; {model_id} is "
+                                             "class-conditional")

@@ -6,7 +6,9 @@ plain ones) and case-folded, runs of spaces made one; the schema has already ref
 zero-width characters that could split a word unseen. A word matches whole (not inside a longer
 word), a pattern (a Python regular expression) anywhere. Both `prompt` and `negative_prompt` are
 checked: at guidance below 1 a negative prompt pulls towards what it names. So is every region of a
-`regions` request, each by its own field: a class as `class_label` is, a prompt as `prompt` is.
+`regions` request, each by its own field: a class as `class_label` is, a prompt as `prompt` is; and an
+edit's (POST /v1/edit) target and source, `prompt` and `source_prompt`, `class_label` and `source_class`
+(the source condition is generated under too: inversion, prompt-to-prompt's source branch).
 
 Pure: no Ray, no FastAPI. A refusal names the field and the rule, never the text.
 """
@@ -20,9 +22,10 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 from dtrain.serving.schemas import region_names
 
 if TYPE_CHECKING:
-    from dtrain.serving.schemas import GenerateRequest
+    from dtrain.serving.schemas import EditRequest, GenerateRequest
 
-PROMPT_FIELDS = ("prompt", "negative_prompt")
+CLASS_FIELDS = ("class_label", "source_class")
+PROMPT_FIELDS = ("prompt", "negative_prompt", "source_prompt")
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,13 @@ class InputPolicy:
         self.deny_classes = deny_classes
         self.rules = compile_rules(deny_words, deny_patterns)
 
-    def check(self, model: str, req: GenerateRequest) -> Optional[Refusal]:
-        """The first refusal of a request to `model` (a class, then each prompt field; then each region's
-        class or prompt, background first), or None."""
+    def check(self, model: str, req: GenerateRequest | EditRequest) -> Optional[Refusal]:
+        """The first refusal of a request to `model` (each class field, then each prompt field, of those the
+        request has; then each region's class or prompt, background first), or None."""
         denied = {*self.deny_classes.get("*", ()), *self.deny_classes.get(model, ())}
-        conditions = [("class_label", req.class_label, None), *((f, None, getattr(req, f)) for f in PROMPT_FIELDS)]
-        if req.regions is not None:
+        conditions = [*((f, getattr(req, f, None), None) for f in CLASS_FIELDS),
+                      *((f, None, getattr(req, f, None)) for f in PROMPT_FIELDS)]
+        if getattr(req, "regions", None) is not None:
             conditions += [(f"regions.{name}.{'prompt' if r.prompt is not None else 'class_label'}", r.class_label,
                             r.prompt) for name, r in zip(region_names(req.regions), req.regions.regions)]
         for field, label, text in conditions:

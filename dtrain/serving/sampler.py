@@ -7,7 +7,8 @@ A request with regions (dtrain.regions) runs as a model call of its own: its net
 its boxes (multidiffusion evaluates it once per region in one batch of R times its images), which no
 other request shares. Its images still count towards the batch they came in, and the batch's calls
 run one after the other, so a region request adds its own call's latency to the plain requests it was
-batched with, and does not gain from batching itself."""
+batched with, and does not gain from batching itself. An edit (POST /v1/edit: dtrain.editing.edit on the
+image it carries) is a model call of its own in the same way, one image."""
 from __future__ import annotations
 
 import asyncio
@@ -22,9 +23,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from dtrain.checkpoint import load_model, read_meta, read_tokenizer
+from dtrain.editing import edit
 from dtrain.generation import conditions, image_shape, render
 from dtrain.images import to_uint8
-from dtrain.precision import DTYPES, choose
+from dtrain.models import null_condition
+from dtrain.precision import DTYPES, choose, in_precision
 from dtrain.regions import render_regions
 from dtrain.runtime import pin_threads
 from dtrain.serving.jobs import Cancelled, LiveRows, watch_while
@@ -38,7 +41,7 @@ MODELS_PER_REPLICA = 4  # versions a replica keeps loaded (least recently used i
 
 
 def images_in(jobs: list[Job]) -> int:
-    return sum(len(j.seeds) for j in jobs)
+    return sum(j.images for j in jobs)
 
 
 @dataclass
@@ -67,18 +70,22 @@ def condition(m: Loaded, jobs: list[Job]) -> tuple[torch.Tensor, Optional[torch.
 
 def call_groups(jobs: list[Job]) -> list[list[int]]:
     """The model calls of a batch, each the indices of its jobs in order: the plain jobs with the same
-    sampler, steps and guidance share one; a region job has one of its own."""
+    sampler, steps and guidance share one; a region job or an edit has one of its own."""
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        groups.setdefault(job.key if job.regions is None else ("regions", i), []).append(i)
+        plain = job.regions is None and job.edit is None
+        groups.setdefault(job.key if plain else ("own", i), []).append(i)
     return list(groups.values())
 
 
 def render_call(m: Loaded, jobs: list[Job], watermark: Optional[WatermarkKey] = None,
                 live: Optional[LiveRows] = None) -> torch.Tensor:
     """Images [B, C, H, W] in [-1, 1] of one model call (`call_groups`): the plain jobs' images, a
-    condition row each, or one region job's."""
+    condition row each, or one region job's, or one edit's."""
     sampler, steps, guidance = jobs[0].key
+    if jobs[0].edit is not None:
+        (job,) = jobs
+        return render_edit(m, job, watermark)
     seeds = [s for j in jobs for s in j.seeds]
     if jobs[0].regions is not None:
         (job,) = jobs
@@ -87,6 +94,35 @@ def render_call(m: Loaded, jobs: list[Job], watermark: Optional[WatermarkKey] = 
                               watermark=watermark, live=live)
     cond, negative = condition(m, jobs)
     return render(m.net, m.cfg, m.meta, cond, seeds, steps, guidance, m.precision, sampler, watermark, live, negative)
+
+
+def render_edit(m: Loaded, job: Job, watermark: Optional[WatermarkKey] = None) -> torch.Tensor:
+    """The edited image [1, C, H, W] in [-1, 1] of an edit job: dtrain.editing.edit from its source
+    condition to its target, watermarked with `watermark` when the job asks for it."""
+    e = job.edit
+    c, h, w = e.shape
+    x = torch.frombuffer(bytearray(e.image), dtype=torch.uint8).reshape(1, c, h, w).float() / 127.5 - 1
+    mask = None if e.mask is None else torch.frombuffer(bytearray(e.mask), dtype=torch.uint8).reshape(h, w).float() / 255
+    if m.cfg.model.conditioning == "text":
+        source, target = conditions(m.cfg, m.tokenizer, [e.source_prompt or "", job.prompt]).chunk(2)
+    else:
+        source = torch.tensor([null_condition(m.cfg.model) if e.source_class is None else e.source_class])
+        target = torch.tensor([job.class_label])
+    dtype = DTYPES[m.precision]
+    net = m.net if dtype == torch.float32 else _Cast(m.net, dtype)
+    return edit(net, m.cfg, x, source, target, e.strength, job.steps, job.guidance, e.scheme, mask=mask,
+                attention_replace=e.attention_replace, watermark=watermark if e.watermark else None).image
+
+
+class _Cast(torch.nn.Module):
+    """A net cast to `dtype` once (the replica's) as editing.edit calls it: float32 in, float32 out."""
+
+    def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.run = net, in_precision(net, dtype)
+
+    def forward(self, x, t, cond, s=None):
+        return self.run(x, t, cond, s)
 
 
 @serve.deployment(graceful_shutdown_timeout_s=60, health_check_period_s=10, health_check_timeout_s=60)
@@ -155,7 +191,7 @@ class Sampler:
         out: list[Optional[np.ndarray | Cancelled]] = [None] * len(jobs)
         for idx in call_groups(jobs):
             group = [jobs[i] for i in idx]
-            rows = (LiveRows([(j.job_id, len(j.seeds)) for j in group])
+            rows = (LiveRows([(j.job_id, j.images) for j in group])
                     if self.board is not None and any(j.job_id for j in group) else None)
             # in a thread: the replica's event loop keeps taking requests (the next batch fills
             # while this one computes), answering health checks and taking the jobs' cancellations
@@ -168,10 +204,10 @@ class Sampler:
                     watcher.cancel()
             self.metrics.batch_images.observe(images_in(group), tags=tags)
             self.metrics.images.inc(images_in(group), tags=tags)
-            self.metrics.nfe.inc(sum(len(j.seeds) * j.nfe for j in group), tags=tags)
+            self.metrics.nfe.inc(sum(j.images * j.nfe for j in group), tags=tags)
             start = 0
             for i in idx:
-                n = len(jobs[i].seeds)
+                n = jobs[i].images
                 out[i], start = (rows and rows.outcome(jobs[i].job_id)) or images[start: start + n], start + n
         self.metrics.stage_seconds.observe(time.perf_counter() - started, tags={"stage": "compute", **tags})
         return out  # type: ignore[return-value]

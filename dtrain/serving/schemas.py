@@ -12,6 +12,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSeriali
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dtrain.diffusion.samplers import SAMPLERS
+from dtrain.editing import SCHEMES
 from dtrain.regions import MAX_OBJECTS, METHODS, RegionError, RegionSpec, validate_regions
 
 Sampler = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
@@ -180,6 +181,63 @@ class GenerateResponse(BaseModel):
     seeds: list[int]
     watermark_key_id: Optional[str] = Field(description="Id of the key the images are watermarked with (None: off)")
     images: list[str] = Field(description="Base64-encoded PNG images")
+
+
+MAX_IMAGE_CHARS = 8 << 20  # the schema's bound on an uploaded image's base64; the deployment's is ServeArgs.max_image_chars
+Scheme = Literal[SCHEMES]  # type: ignore[valid-type]
+
+
+class EditRequest(BaseModel):
+    """POST /v1/edit: an image inverted along the model's ODE to t0 = 1 - strength, regenerated under the
+    target (dtrain.editing.edit). Each bound is checked before any compute, 422 naming the field."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = Field(None, max_length=128, description="Registered model; default: the first")
+    version: Optional[str] = Field(None, max_length=128,
+                                   description="Version of that model; default: its default (or a canary share)")
+    image: str = Field(max_length=MAX_IMAGE_CHARS, description="The image to edit: a base64 PNG or JPEG of exactly "
+                       "the model's size and channels (8-bit greyscale or RGB, no alpha; GET /v1/models: image_size, "
+                       "channels), at most the deployment's max_image_chars characters")
+    prompt: Optional[Prompt] = Field(None, description="A text model's target prompt: what the image should become")
+    source_prompt: Optional[Prompt] = Field(None, description="A text model's prompt for what the image shows, "
+                                            "under which it is inverted (default: the empty prompt)")
+    class_label: Optional[int] = Field(None, ge=0, le=MAX_CLASS_LABEL, description="A class model's target class")
+    source_class: Optional[int] = Field(None, ge=0, le=MAX_CLASS_LABEL,
+                                        description="A class model's class of the image (default: the null class)")
+    strength: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="How far back the image is inverted: "
+                            "0 returns it, 1 regenerates it from its inverted noise")
+    steps: Optional[int] = Field(None, ge=1, le=10_000, description="DDIM steps for strength 1 (an edit runs "
+                                 "round(strength steps) of them, at least 1); default: the checkpoint's")
+    guidance: Optional[float] = Field(None, ge=0.0, le=20.0, allow_inf_nan=False,
+                                      description="Classifier-free guidance of inversion and regeneration; default: "
+                                                  "the checkpoint's")
+    scheme: Scheme = Field("fixed_point", description="Inversion: fixed_point (each step refined until it inverts "
+                           "the sampler's step: exact to about 0.01) or euler (plain reversal, 4x fewer calls)")
+    mask: Optional[str] = Field(None, max_length=MAX_IMAGE_CHARS, description="A base64 greyscale PNG or JPEG of "
+                                "the image's size: white may change, black is kept exactly, grey in between")
+    attention_replace: bool = Field(False, description="Text models: the source prompt's cross-attention maps "
+                                    "keep the layout while the target prompt changes the content (prompt-to-prompt)")
+
+
+class EditResponse(BaseModel):
+    model: str = Field(description="Registered model that edited the image")
+    version: str = Field(description="Version of that model")
+    stage: str = Field(description="Training stage of the checkpoint")
+    prompt: Optional[str] = Field(None, description="A text model's target prompt")
+    source_prompt: Optional[str] = Field(None, description="A text model's source prompt (\"\": the empty prompt)")
+    class_label: Optional[int] = Field(None, description="A class model's target class")
+    source_class: Optional[int] = Field(None, description="A class model's source class (None: the null class)")
+    strength: float
+    steps: int = Field(description="Steps for strength 1; the edit ran round(strength steps) of them (none at 0)")
+    guidance: float
+    scheme: str
+    mask: bool = Field(description="Whether a mask kept part of the image")
+    attention_replace: bool
+    nfe: int = Field(description="Network evaluations spent, the inversion included")
+    watermark_key_id: Optional[str] = Field(description="Id of the key the edit is watermarked with (None: off, or "
+                                                        "strength 0, which returns the input's pixels)")
+    image: str = Field(description="The edited image: a base64 PNG with a C2PA manifest that records the edit and "
+                                   "names the image sent as its parent ingredient")
 
 
 class JobCancel(BaseModel):
