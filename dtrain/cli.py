@@ -776,14 +776,24 @@ def bench_serve(checkpoint, as_json, steps, seconds, concurrency, baseline, max_
 @click.option("--invert-steps", default=None, type=int,
               help="Steps of the ODE inversion (default: the checkpoint's sample.steps).")
 @click.option("--no-quality", is_flag=True, help="Skip the FD with and without the watermark.")
-def bench_watermark(checkpoints, as_json, n, invert_steps, no_quality):
-    """Watermark TPR at 1% FPR per checkpoint (stage), clean and under JPEG, crop, resize, rotation, blur
-    and noise, and its image-quality cost (FD with and without)."""
+@click.option("--sync", default="none", show_default=True, type=click.Choice(["none", "dihedral"]),
+              help="dihedral: detection also tries the image flipped and quarter-turned back (8x the inversions).")
+@click.option("--attacks", default=None, help="Comma-separated attacks to run (default: all; clean, flip, rotate_90deg, "
+                                              "jpeg_q50, crop_resize_0.75, resize_0.5, rotate_3deg, rotate_10deg, "
+                                              "blur_r0.5, noise_0.05).")
+def bench_watermark(checkpoints, as_json, n, invert_steps, no_quality, sync, attacks):
+    """Watermark TPR at 1% FPR per checkpoint (stage), clean and under JPEG, flips, quarter turns, crop,
+    resize, rotation, blur and noise, with the detection time per image, and its image-quality cost (FD
+    with and without)."""
     from dtrain.bench import emit
-    from dtrain.bench.watermark import run
+    from dtrain.bench.watermark import ATTACKS, run
 
+    unknown = sorted(set(attacks.split(",") if attacks else ()) - set(ATTACKS))
+    if unknown:
+        raise UserError(f"--attacks: unknown attack {unknown[0]!r} (choose from {', '.join(ATTACKS)})")
     rows, summary = run(list(checkpoints), n=n, invert_steps=invert_steps, quality=not no_quality,
-                        log=lambda line: click.echo(line, err=as_json))
+                        log=lambda line: click.echo(line, err=as_json), sync=sync,
+                        attacks=tuple(attacks.split(",")) if attacks else None)
     click.echo(emit(rows, as_json, summary))
 
 
@@ -811,7 +821,9 @@ def bench_gpu(as_json, budget_s, tiny, with_serve, require_gpu):
 @click.option("--key-file", "key_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A watermark key (repeatable; default: the serving key, ~/.config/dtrain/watermark.key).")
 @click.option("--steps", default=None, type=int, help="Steps of the ODE inversion (default: the checkpoint's sample.steps).")
-def detect(images, checkpoint, key_files, steps):
+@click.option("--sync", default="none", show_default=True, type=click.Choice(["none", "dihedral"]),
+              help="dihedral: also find marks on flipped or quarter-turned copies (8x the inversions).")
+def detect(images, checkpoint, key_files, steps, sync):
     """Is each IMAGE watermarked by one of the keys? Inverts CHECKPOINT's ODE to the image's noise and
     prints a JSON line per image: key_id, score, p_value, watermarked."""
     import json
@@ -836,7 +848,7 @@ def detect(images, checkpoint, key_files, steps):
         except ValueError as e:
             raise UserError(f"{i}: {e}") from None
     try:
-        found = detect_noise(recover_noise(net, cfg, torch.stack(x), steps), keys)
+        found = detect_noise(recover_noise(net, cfg, torch.stack(x), steps, sync=sync), keys)
     except ValueError as e:
         raise UserError(str(e)) from None
     for path, result in zip(images, found):

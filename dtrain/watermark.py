@@ -11,8 +11,13 @@ Detection inverts the model's guided ODE from the image back to noise (`dtrain.d
 DDIM inversion refined by fixed-point iterations) under every class, since a detector does not know
 the image's class, and counts the elements whose sign matches the key's bit: k of n, best over classes.
 An image made without the key matches by chance, k ~ Bin(n, 1/2),
-so the p-value is P[Bin(n, 1/2) >= k] times the classes and keys tried (Bonferroni); the score is
-k / n (0.5: no watermark, 1: every sign recovered).
+so the p-value is P[Bin(n, 1/2) >= k] times the classes, keys and alignments tried (Bonferroni); the
+score is k / n (0.5: no watermark, 1: every sign recovered).
+
+A flipped or quarter-turned copy inverts to noise that no longer lines up with the key. With
+`sync="dihedral"` detection also inverts the image undone by each of the other 7 symmetries of the
+square (flips, quarter turns and their compositions), so those copies are found again, at 8x the
+inversions and a Bonferroni factor of 8 on the p-value.
 """
 from __future__ import annotations
 
@@ -110,14 +115,37 @@ def key_for_serving(path: str | Path | None) -> WatermarkKey:
     return WatermarkKey.load(default)
 
 
+SYNCS = ("none", "dihedral")
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square on images [..., H, W]: k % 4 quarter turns, after a
+    left-right flip when k >= 4 (k = 0: the image itself)."""
+    return torch.rot90(x.flip(-1) if k >= 4 else x, k % 4, dims=(-2, -1))
+
+
+def undo_dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of `dihedral(., k)`: undo_dihedral(dihedral(x, k), k) == x."""
+    back = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return back.flip(-1) if k >= 4 else back
+
+
 @torch.no_grad()
 def recover_noise(net: torch.nn.Module, cfg, images: torch.Tensor, steps: int | None = None,
-                  guidance: float | None = None, precision: str = "fp32") -> torch.Tensor:
+                  guidance: float | None = None, precision: str = "fp32", sync: str = "none") -> torch.Tensor:
     """Candidate initial noises [K, B, C, h, w] that the model's guided ODE maps to `images` [B, C, h, w]
     in [-1, 1], one per class (K = the model's classes; a text model's one: the empty prompt): an image's
     class is unknown to a detector, so the ODE is inverted under each, `steps` steps (default
     cfg.sample.steps, the times the sampler used) at `guidance` (default cfg.sample.guidance), and
-    `detect` keeps the best match."""
+    `detect` keeps the best match. sync="dihedral": also for the image undone by each symmetry of the
+    square (flips, quarter turns; square images), K = 8 x the classes."""
+    if sync not in SYNCS:
+        raise ValueError(f"unknown sync {sync!r}: choose one of {', '.join(SYNCS)}")
+    if sync == "dihedral":
+        if images.shape[-1] != images.shape[-2]:
+            raise ValueError("dihedral synchronisation needs square images")
+        return torch.cat([recover_noise(net, cfg, undo_dihedral(images, k), steps, guidance, precision)
+                          for k in range(8)])
     m, dtype = cfg.model, DTYPES[precision]
     steps = steps or cfg.sample.steps
     guidance = cfg.sample.guidance if guidance is None else guidance

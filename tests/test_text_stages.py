@@ -243,7 +243,7 @@ def test_a_text_pipeline_follows_prompts_and_chains_stages_with_one_tokenizer(ra
         "    overrides: [sample.guidance=1.0, data.batch_size=8]\n"
         "  - kind: consistency_distill\n    name: distill\n    overrides: [sample.sampler=consistency, sample.guidance=1.0,"
         " stage.teacher_solver=euler, stage.target_decay=0.0, 'stage.intervals=[2,4]']\n"
-        "eval: {steps: [8], audit: false, n_prompts: 200}\n")
+        "eval: {steps: [8], audit: false, n_prompts: 100}\n")
     p = load_pipeline(tmp_path / "p.yaml")
     state = run_pipeline(p)
     pre, ref, dis = (state["stages"][k]["checkpoint"] for k in ("pretrain", "reflow", "distill"))
@@ -261,7 +261,7 @@ def test_a_text_pipeline_follows_prompts_and_chains_stages_with_one_tokenizer(ra
     result = evaluate_pipeline(p, state, log=lambda s: None)
     assert set(result["binding_vs_nfe"]) == {"pretrain", "reflow", "distill euler", "distill consistency"}
     shapes = result["shapes"]
-    assert shapes["conditioning"] == "text" and (shapes["n_samples"], shapes["n_heldout"]) == (200, 50)
+    assert shapes["conditioning"] == "text" and (shapes["n_samples"], shapes["n_heldout"]) == (100, 25)
     assert shapes["real"]["binding_acc"] >= 0.99  # the recogniser reads the world's own renders
     (row,) = [r for r in result["rows"] if r["stage"] == "pretrain"]
     assert row["steps"] == 8 and set(row["by_objects"]) == {"1"}

@@ -129,3 +129,28 @@ def test_dtrain_detect_prints_a_line_per_image(tiny_checkpoint, tmp_path):
     r = CliRunner().invoke(main, ["detect", str(tmp_path / "big.png"), "--checkpoint", str(tiny_checkpoint),
                                   "--key-file", str(key_file)])
     assert r.exit_code != 0 and "big.png: the image is 9x9, the model makes 8x8 images" in r.output
+
+
+def test_the_symmetries_of_the_square_are_undone_and_a_flipped_or_turned_mark_is_found_again(tiny_checkpoint):
+    from dtrain.bench.watermark import symmetry
+    from dtrain.checkpoint import load_model
+    from dtrain.watermark import dihedral, undo_dihedral
+
+    x = torch.arange(2 * 3 * 4 * 4.0).view(2, 3, 4, 4)
+    images = {dihedral(x, k).flatten().tolist().__repr__() for k in range(8)}
+    assert len(images) == 8 and all(torch.equal(undo_dihedral(dihedral(x, k), k), x) for k in range(8))
+    net, cfg = load_model(tiny_checkpoint)
+    marked = _render(tiny_checkpoint, list(range(200, 204)), KEY)
+    rng = np.random.default_rng(0)
+    for k in (4, 1):  # a left-right flip, a quarter turn: the attack the bench names flip and rotate_90deg
+        attacked = torch.stack([decode_for_model(_png(symmetry(k)(i, rng)), (1, 8, 8)) for i in marked])
+        assert not any(d["watermarked"] for d in detect(recover_noise(net, cfg, attacked), [KEY]))
+        found = detect(recover_noise(net, cfg, attacked, sync="dihedral"), [KEY])
+        assert all(d["watermarked"] for d in found), found
+    # 8x the candidates, 8x the Bonferroni factor: plain images stay at the 1% false-positive bound
+    plain = _render(tiny_checkpoint, list(range(300, 316)), None)
+    others = torch.stack([decode_for_model(_png(symmetry(4)(i, rng)), (1, 8, 8)) for i in plain])
+    flagged = [d["watermarked"] for d in detect(recover_noise(net, cfg, others, sync="dihedral"), [KEY])]
+    assert sum(flagged) <= 1, flagged
+    with pytest.raises(ValueError, match="unknown sync"):
+        recover_noise(net, cfg, attacked, sync="affine")

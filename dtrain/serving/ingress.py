@@ -160,17 +160,7 @@ class IngressReplica:
             # (the job: class, prompt and negative prompt or regions and their method, seeds, sampler,
             # steps, guidance)
             key = (self.args.models[plan.name].versions[plan.version], plan.fallback, plan.job, self.key_id)
-            if self.cache is not None:
-                hit = self.cache.get(key)
-                self.metrics.cache.inc(tags={"result": "miss" if hit is None else "hit"})
-                response.headers["X-Cache"] = "miss" if hit is None else "hit"
-                if hit is not None:
-                    return hit
-            images = await self.sample(plan, tenant)
-            answer = await self.answer(plan, images, started)
-            if self.cache is not None:
-                self.cache[key] = answer
-            return answer
+            return await self.cached(key, response, lambda: self.answer_from(plan, tenant, started))
         finally:
             self.in_flight -= 1
 
@@ -211,19 +201,28 @@ class IngressReplica:
             # the job holds the source's pixels; the file as sent is the manifest's ingredient, so it keys too
             key = (self.args.models[plan.name].versions[plan.version], "edit", plan.job,
                    hashlib.sha256(source.data).digest(), self.key_id)
-            if self.cache is not None:
-                hit = self.cache.get(key)
-                self.metrics.cache.inc(tags={"result": "miss" if hit is None else "hit"})
-                response.headers["X-Cache"] = "miss" if hit is None else "hit"
-                if hit is not None:
-                    return hit
-            images = await self.sample(plan, tenant)
-            answer = await self.answer_edit(plan, images, source, started)
-            if self.cache is not None:
-                self.cache[key] = answer
-            return answer
+            return await self.cached(key, response, lambda: self.answer_from(plan, tenant, started, source))
         finally:
             self.in_flight -= 1
+
+    async def cached(self, key: tuple, response: Response, compute):
+        """The response cache's answer for `key`, or compute()'s (an awaitable factory), stored; X-Cache
+        and the cache metric say which."""
+        if self.cache is None:
+            return await compute()
+        hit = self.cache.get(key)
+        self.metrics.cache.inc(tags={"result": "miss" if hit is None else "hit"})
+        response.headers["X-Cache"] = "miss" if hit is None else "hit"
+        if hit is None:
+            hit = self.cache[key] = await compute()
+        return hit
+
+    async def answer_from(self, plan: Plan, tenant: str, started: float, source: Upload | None = None):
+        """The plan's images sampled and answered: an edit's (with its source) or a generation's."""
+        images = await self.sample(plan, tenant)
+        if source is not None:
+            return await self.answer_edit(plan, images, source, started)
+        return await self.answer(plan, images, started)
 
     async def answer_edit(self, plan: Plan, images: Any, source: Upload, started: float) -> EditResponse:
         """The response to an edit: its PNG, signed last with a manifest recording the edit and naming the
