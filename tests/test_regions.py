@@ -17,6 +17,7 @@ from dtrain.models import build_model
 from dtrain.models.layers import Context
 from dtrain.regions import (MAX_OBJECTS, RegionError, RegionNet, region_conditions, region_nfe, region_weights,
                             regional_context, solve_regions, validate_regions)
+from tests.test_text_conditioning import perturbed
 
 CAPTIONS = ["a red circle", "two blue squares at the top", "a green triangle", "three yellow crosses", "a blue circle"]
 COMMON = ["model.size=tiny", "model.image_size=8", "model.patch_size=2"]
@@ -25,14 +26,6 @@ COMMON = ["model.size=tiny", "model.image_size=8", "model.patch_size=2"]
 def text_cfg(*over, arch="dit"):
     return load_config(None, [f"model.arch={arch}", *COMMON, "model.conditioning=text", "model.max_tokens=8",
                               "model.vocab_size=64", *over])
-
-
-def perturbed(net):
-    """Every weight moved off its init: the zero-initialised outputs would hide the condition."""
-    torch.manual_seed(1)
-    for p in net.parameters():
-        p.data.add_(0.2 * torch.randn_like(p))
-    return net.eval()
 
 
 @pytest.fixture(scope="module")
