@@ -92,6 +92,26 @@ def test_table_formats_every_row():
     assert "0.9950" in text and "2000 held-out scenes" in text
 
 
+def test_the_package_ships_the_recogniser_this_code_trains(tmp_path, monkeypatch):
+    """The shipped weights carry the key of the code as it is: a change to what decides the weights
+    (the net, the world, the training stream) must ship them again, or every fresh machine trains them."""
+    key = R._key(32, R.RecogniserSpec())
+    assert (R.BUNDLED / f"recogniser-{key}.safetensors").is_file(), (
+        f"no shipped recogniser for key {key}: run `DTRAIN_CACHE=/tmp/r dtrain recogniser --retrain` and copy "
+        f"/tmp/r/recogniser-{key}.safetensors into {R.BUNDLED} (removing the old one)")
+    assert len(list(R.BUNDLED.glob("recogniser-*.safetensors"))) == 1  # no stale copies in the package
+    # an empty cache loads the shipped file and writes nothing; an explicit directory never reads it
+    monkeypatch.setenv("DTRAIN_CACHE", str(tmp_path / "cache"))
+    def train(*a, **k):
+        raise RuntimeError("trained")
+
+    monkeypatch.setattr(R, "train_recogniser", train)
+    rec = R.shapes_recogniser(32)
+    assert rec.path.parent == R.BUNDLED and not (tmp_path / "cache").exists()
+    with pytest.raises(RuntimeError, match="trained"):
+        R.shapes_recogniser(32, directory=tmp_path / "mine")
+
+
 # --- slow: the trained recogniser ---------------------------------------------------------------
 
 @pytest.mark.slow

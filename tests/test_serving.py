@@ -313,17 +313,22 @@ def test_metrics_reach_prometheus(served):
 
 @pytest.mark.slow
 def test_a_flood_is_shed_with_503_and_nothing_admitted_is_lost(served):
-    """Room for about 50 requests (2 replicas x 16 in flight, queues of 16): 96 at once get only 200
-    (complete) or 503 with Retry-After."""
-    body = {"class_label": 4, "steps": 20, "num_images": 4}
-    burst = threading.Barrier(96)  # all 96 sent at once, not as the pool's threads happen to start
+    """Room for 64 requests at the ingress (48 in flight: 2 replicas x 2 batches of 8 images, plus a queue
+    of 16), and for 48 at the samplers: 128 at once get only 200 (complete) or 503 with Retry-After. Each asks
+    for the most steps allowed, so the first answers take longer than the proxy takes to read the flood
+    (at 20 steps a slow proxy let answers free room as fast as requests came, and none was shed)."""
+    body = {"class_label": 4, "steps": 100, "num_images": 4}
+    flood = 128
+    burst = threading.Barrier(flood)  # all sent at once, not as the pool's threads happen to start
 
     def post(_):
         burst.wait(timeout=30)
-        return served.post("/v1/generate", json=body)
+        return client.post("/v1/generate", json=body)
 
-    with ThreadPoolExecutor(96) as pool:
-        answers = list(pool.map(post, range(96)))
+    # a connection each (httpx pools 100 by default, which would hold the rest back until answers came)
+    with (httpx.Client(base_url=served.base_url, headers=served.headers, timeout=120,
+                       limits=httpx.Limits(max_connections=flood)) as client, ThreadPoolExecutor(flood) as pool):
+        answers = list(pool.map(post, range(flood)))
     codes = [r.status_code for r in answers]
     assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
     assert all(len(r.json()["images"]) == 4 for r in answers if r.status_code == 200)

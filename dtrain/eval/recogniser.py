@@ -52,6 +52,9 @@ EVAL_STREAM = 8  # the table's held-out scenes (tests draw fresh ones from other
 EVAL_SEED = 1
 EVAL_DEGRADE_SEED = 999_983  # the table's degradation; training degrades with seeds below 10**6
 METADATA_KEY = "dtrain.recogniser"
+# the 32-pixel recogniser as trained by this code, shipped so a fresh machine measures with it at once
+# instead of training it (90 s); looked up by the same key as the cache, so changed code trains anew
+BUNDLED = Path(__file__).resolve().parent / "weights"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,12 +442,15 @@ def recogniser_table(rec: Recogniser | dict) -> str:
 def shapes_recogniser(image_size: int = 32, directory: str | Path | None = None, retrain: bool = False,
                       spec: RecogniserSpec = RecogniserSpec()) -> Recogniser:
     """The shapes recogniser for `image_size`: loaded from `<directory>/recogniser-<hash>.safetensors`
-    (default: $DTRAIN_CACHE or ~/.cache/dtrain), else trained (about 85 s on one thread at 32x32,
-    two minutes at 64), measured on held-out renders (`measure_all` on `eval_set`) and written there atomically."""
+    (default: $DTRAIN_CACHE or ~/.cache/dtrain, then the weights shipped in the package), else trained
+    (about 85 s on one thread at 32x32, two minutes at 64), measured on held-out renders (`measure_all`
+    on `eval_set`) and written to the directory atomically."""
     if not world.SIZES[0] <= image_size <= world.SIZES[1]:
         raise ValueError(f"image_size {image_size}: the shapes world renders {world.SIZES[0]} to {world.SIZES[1]} pixels")
     key = _key(image_size, spec)
     path = Path(directory or cache_dir()) / f"recogniser-{key}.safetensors"
+    if not path.is_file() and directory is None and (BUNDLED / path.name).is_file():
+        path = BUNDLED / path.name
     name = f"shapes{image_size}-{key}"
     net, info = make_net(image_size, spec), None
     if path.is_file() and not retrain:
@@ -464,6 +470,8 @@ def shapes_recogniser(image_size: int = 32, directory: str | Path | None = None,
         table = measure_all(net, scenes, x)
         info = {"table": table, "train_seconds": round(seconds, 2), "image_size": image_size, "spec": asdict(spec),
                 "torch": torch.__version__}
+        if path.parent == BUNDLED:  # retrained: into the cache, never over the package's file
+            path = cache_dir() / path.name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: concurrent trainers never see half a file
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
