@@ -1,67 +1,18 @@
-"""The pieces of asynchronous jobs without a cluster: the board's bookkeeping (owners, cancellation,
-expiry, the replicas' long poll) and per-row cancellation inside one batched ODE solve."""
+"""The pieces of asynchronous jobs without a cluster: per-row cancellation inside one batched ODE solve,
+the quotas' moving minute and the priority gate. The jobs' records, heartbeats and cancellations in the
+state store are tests/test_serving_state.py's."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
 
-from dtrain.serving.jobs import WATCH_S, Cancelled, JobBoard, LiveRows
-
-Board = JobBoard.func_or_class  # the class under the Serve deployment
+from dtrain.serving.jobs import Cancelled, LiveRows
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def test_the_board_keeps_jobs_per_owner_and_cancels_queued_ones_at_once():
-    async def go():
-        board = Board(ttl_s=60, max_jobs=2)
-        assert await board.create("a" * 32, "alice", steps=10, calls=10)
-        assert await board.get("a" * 32, "bob") is None  # another tenant's job does not exist for it
-        assert await board.cancel("a" * 32, "bob") is None
-        state = await board.cancel("a" * 32, "alice")
-        assert state["state"] == "cancelled" and state["cancel"] == {"seen_at_step": 0, "last_step": 0}
-        assert await board.create("b" * 32, "alice", 10, 10)
-        assert not await board.create("c" * 32, "alice", 10, 10)  # full: max_jobs kept
-    run(go())
-
-
-def test_a_running_job_reports_progress_and_its_cancel_reaches_the_replica_at_once():
-    async def go():
-        board = Board(ttl_s=60, max_jobs=10)
-        await board.create("a" * 32, "x", steps=100, calls=100)
-        assert await board.watch({"a" * 32: 25}) == []  # no cancel: returns after WATCH_S
-        state = await board.get("a" * 32, "x")
-        assert (state["state"], state["step"]) == ("running", 25)
-        waiting = asyncio.ensure_future(board.watch({"a" * 32: 30}))
-        await asyncio.sleep(WATCH_S / 5)
-        started = time.perf_counter()
-        await board.cancel("a" * 32, "x")
-        assert await waiting == ["a" * 32] and time.perf_counter() - started < WATCH_S / 2  # the poll wakes
-        await board.finish("a" * 32, "cancelled", cancelled=Cancelled(seen_at_call=30, last_call=31))
-        state = await board.get("a" * 32, "x")
-        assert state["state"] == "cancelled" and state["cancel"] == {"seen_at_step": 30, "last_step": 31}
-    run(go())
-
-
-def test_finished_jobs_expire_and_followers_see_every_change():
-    async def go():
-        board = Board(ttl_s=0.2, max_jobs=10)
-        await board.create("a" * 32, "x", steps=4, calls=4)
-        seen = (await board.get("a" * 32, "x"))["version"]
-        follower = asyncio.ensure_future(board.next_change("a" * 32, "x", seen, 5.0))
-        await asyncio.sleep(0.01)
-        await board.finish("a" * 32, "done", result={"images": ["png"]})
-        change = await follower
-        assert change["state"] == "done" and change["version"] > seen and "result" not in change
-        assert (await board.get("a" * 32, "x"))["result"] == {"images": ["png"]}
-        await asyncio.sleep(0.3)
-        assert await board.get("a" * 32, "x") is None  # expired
-    run(go())
 
 
 class CountingNet(torch.nn.Module):
@@ -102,9 +53,11 @@ def test_a_cancelled_jobs_rows_stop_being_computed_while_the_rest_of_the_batch_r
 
 
 def test_quotas_count_images_over_a_minute_and_say_when_to_retry():
+    from limits.storage import MemoryStorage
+
     from dtrain.serving.tenancy import Quotas
 
-    q = Quotas()
+    q = Quotas(MemoryStorage())  # the serving app's is its state store's (tests/test_serving_state.py)
     assert q.take("a", None, 10_000) is None  # no quota
     assert [q.take("a", 10, 4) for _ in range(3)][:2] == [None, None]
     wait = q.take("a", 10, 4)

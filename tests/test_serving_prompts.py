@@ -1,6 +1,6 @@
 """Prompts over HTTP: the schema's bounds on `prompt` and `negative_prompt`, planning that matches the
 condition to the model (class or text), the deny-list input policy, the per-row conditions of a batch,
-and the app in this process (real ingress, planning, policy, cache, jobs board, signer and rendering;
+and the app in this process (real ingress, planning, policy, cache, jobs, state store, signer and rendering;
 only the Serve handles are in-process stand-ins) with every body field fuzzed; then one deployment on
 the real stack (Ray Serve over HTTP) with a tiny text checkpoint."""
 from __future__ import annotations
@@ -234,25 +234,26 @@ class Spy:
 
 
 @pytest.fixture(scope="module")
-def app_client(text_checkpoint, tiny_checkpoint, watermark_key):
+def app_client(text_checkpoint, tiny_checkpoint, watermark_key, tmp_path_factory):
     """The app's routes in this process on a real IngressReplica: models "words" (text, the default) and
-    "tiny" (class), the deny lists of DENY, a response cache, provenance signing with test credentials."""
+    "tiny" (class), the deny lists of DENY, a response cache, provenance signing with test credentials, its
+    state (jobs, cache) in an SQLite file of its own."""
     from fastapi.testclient import TestClient
     from ray import serve
 
     from dtrain.provenance import signer_for_serving
     from dtrain.serving.app import app, version_info
     from dtrain.serving.ingress import IngressReplica
-    from dtrain.serving.jobs import JobBoard
 
+    state = tmp_path_factory.mktemp("state") / "state.sqlite"
     args = ServeArgs(models={"words": {"versions": {"v1": str(text_checkpoint)}},
                              "tiny": {"versions": {"ckpt": str(tiny_checkpoint)}}},
-                     max_steps=3, max_images=2, max_batch_images=2, cache_entries=64, **DENY).resolved()
+                     max_steps=3, max_images=2, max_batch_images=2, cache_entries=64, state_store=f"sqlite://{state}",
+                     **DENY).resolved()
     catalog = {n: {v: version_info(n, v, p) for v, p in s.versions.items()} for n, s in args.models.items()}
     sampler = InProcessSampler({f"{n}/{v}": p for n, s in args.models.items() for v, p in s.versions.items()},
                                watermark_key)
-    replica = IngressReplica(Remote(sampler), Remote(JobBoard.func_or_class(60.0, 100)), catalog, args,
-                             watermark_key.key_id, signer_for_serving(None, None)[0])
+    replica = IngressReplica(Remote(sampler), catalog, args, watermark_key.key_id, signer_for_serving(None, None)[0])
     replica.metrics.refusals = Spy(replica.metrics.refusals)
     with pytest.MonkeyPatch.context() as mp, TestClient(app) as client:
         mp.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=replica))

@@ -1,7 +1,7 @@
 """Region control over HTTP (the `regions` and `region_method` fields of /v1/generate and /v1/jobs): the
 schema's bounds with the bad field named, planning that checks the regions against the model, the deny
 lists on every region, a region request's own model call in the sampler, and the app in this process (the
-fixture of tests/test_serving_prompts.py: real ingress, planning, policy, cache, jobs board, signer and
+fixture of tests/test_serving_prompts.py: real ingress, planning, policy, cache, state store, signer and
 rendering; only the Serve handles are in-process stand-ins). Regions served by Ray Serve over real HTTP
 are tested beside the prompts' deployment, in test_serving_prompts.py, so that the suite starts no other."""
 from __future__ import annotations

@@ -53,7 +53,6 @@ from dtrain.serving.config import ServeArgs
 from dtrain.serving.dependencies import IngressDep, Tenant, current_ingress, tenant
 from dtrain.serving.docs import serve_docs_offline
 from dtrain.serving.ingress import IngressReplica
-from dtrain.serving.jobs import JobBoard
 from dtrain.serving.sampler import Sampler, replica_gpus
 from dtrain.serving.planning import PlanError
 from dtrain.serving.schemas import (MAX_PROMPT_CHARS, DetectRequest, DetectResponse, EditRequest, EditResponse,
@@ -218,8 +217,8 @@ def region_methods(cfg) -> list[str]:
 
 
 def build_app(args: ServeArgs):
-    """Typed app builder: a checkpoint or a registry -> an ingress bound to an autoscaling, multiplexed
-    sampler deployment."""
+    """Typed app builder: a checkpoint or a registry -> an ingress (`ingress_replicas`) bound to an
+    autoscaling, multiplexed sampler deployment, both on the app's state store (`state_store`)."""
     args = args.resolved()
     key = key_for_serving(args.watermark_key_file) if args.watermark else None
     signer = _signer(args)
@@ -228,7 +227,6 @@ def build_app(args: ServeArgs):
     checkpoints = {f"{name}/{v}": path for name, spec in args.models.items() for v, path in spec.versions.items()}
     scaling = ({"num_replicas": args.num_replicas} if args.num_replicas
                else {"autoscaling_config": args.autoscaling.serve_config()})
-    board = JobBoard.bind(args.job_ttl_s, args.max_jobs)
     overload = BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s)
     sampler = Sampler.options(
         **scaling,
@@ -236,13 +234,15 @@ def build_app(args: ServeArgs):
         max_ongoing_requests=2 * args.max_batch_images,  # one batch running and the next filling
         max_queued_requests=args.max_queued_requests,
         user_config={"max_batch_images": args.max_batch_images, "batch_wait_timeout_s": args.batch_wait_timeout_s},
-    ).bind(checkpoints, next(iter(checkpoints)), args.precision, key, board)  # health probes: the first version, so a new default
-    # version changes only the ingress's arguments and Serve replaces only the ingress
+    ).bind(checkpoints, next(iter(checkpoints)), args.precision, key, args.store_spec())
+    # health probes: the first version, so a new default version changes only the ingress's arguments and
+    # Serve replaces only the ingress (the store's spec is the same: its state stays)
     # Serve's default of 5 requests per ingress would cap a batch at 5 images: admit every request
     # the samplers could hold, queue a bounded number more, refuse the rest with 503.
-    return Ingress.options(max_ongoing_requests=args.images_held() + args.max_queued_requests,
+    return Ingress.options(num_replicas=args.ingress_replicas,
+                           max_ongoing_requests=args.images_held() + args.max_queued_requests,
                            max_queued_requests=args.max_queued_requests, backpressure_config=overload,
-                           ).bind(sampler, board, catalog, args, key and key.key_id, signer)
+                           ).bind(sampler, catalog, args, key and key.key_id, signer)
 
 
 def _signer(args: ServeArgs) -> Optional[ProvenanceSigner]:

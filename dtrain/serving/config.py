@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dtrain import storage
 from dtrain.checkpoint import checkpoint_uri, resolve
 from dtrain.serving.policy import compile_rules
 from dtrain.serving.schemas import MAX_IMAGE_CHARS
+from dtrain.serving.store import StoreSpec, check_url
 
 
 class _Strict(BaseModel):
@@ -88,6 +89,8 @@ class ServeArgs(_Strict):
                                                         "checkpoint) or exported file: served as one model")
     models: Optional[dict[str, ModelSpec]] = Field(None, description="model name -> versions, default, canary")
     num_replicas: Optional[int] = Field(None, ge=1, description="a fixed replica count instead of autoscaling")
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress; they share the jobs, quotas "
+                                                      "and response cache through state_store")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per sampler replica (its torch threads)")
     replica_gpus: Optional[float] = Field(None, ge=0, description="GPUs per replica; default 1 where the cluster has GPUs")
@@ -127,8 +130,9 @@ class ServeArgs(_Strict):
     deny_patterns: list[str] = Field(default_factory=list, description="input policy: Python regular expressions "
                                                                        "refused where they match a prompt (searched, "
                                                                        "case-insensitive), with 400")
-    cache_entries: int = Field(0, ge=0, description="response cache per ingress replica (0: off): the same request "
-                                                    "to the same version returns the same bytes without compute")
+    cache_entries: int = Field(0, ge=0, description="response cache entries, in state_store and shared by every "
+                                                    "ingress replica (0: off): the same request to the same version "
+                                                    "returns the same bytes without compute")
     cache_ttl_s: float = Field(600.0, gt=0, description="how long a cached response is served")
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict, description="tenant (`TOKEN TENANT` in the "
                                                                               "tokens file) -> tier and quota")
@@ -140,8 +144,23 @@ class ServeArgs(_Strict):
     job_ttl_s: float = Field(600.0, gt=0, description="how long a finished job's state and images stay retrievable")
     max_jobs: int = Field(1000, ge=1, description="jobs kept (running and finished) beyond which a new one gets 503")
     job_timeout_s: float = Field(600.0, gt=0, description="a job still running after this fails")
+    job_heartbeat_timeout_s: float = Field(10.0, gt=0, description="a queued or running job not heard of for this long "
+                                                                  "(its ingress beats 4 times per timeout, its sampler "
+                                                                  "every 50 ms) is failed, naming the lost heartbeat, "
+                                                                  "by the next reader or cleanup")
+    state_store: str = Field("sqlite://", description="where jobs, quotas and the response cache live (dtrain.serving."
+                                                      "store). sqlite:// (default): an SQLite file in the Ray session "
+                                                      "directory, named for the app: survives any replica's death, not "
+                                                      "a new cluster; sqlite:///ABSOLUTE/PATH: survives a cluster "
+                                                      "restart too. SQLite is one machine's: a multi-node cluster "
+                                                      "needs redis://HOST:PORT/DB, shared by every node")
     auth_tokens_file: Optional[str] = Field(None, description="file of bearer tokens, one per line; auth off if no tokens")
     auth_tokens_env: str = Field("DTRAIN_SERVE_TOKENS", description="environment variable of comma-separated tokens")
+
+    @field_validator("state_store")
+    @classmethod
+    def _store_url(cls, url: str) -> str:
+        return check_url(url)
 
     @model_validator(mode="after")
     def _fits(self) -> "ServeArgs":
@@ -154,6 +173,9 @@ class ServeArgs(_Strict):
             raise ValueError(f"max_images {self.max_images} > max_batch_images {self.max_batch_images}: "
                              "a request must fit in one batch")
         return self
+
+    def store_spec(self) -> StoreSpec:
+        return StoreSpec(self.state_store, self.job_ttl_s, self.job_heartbeat_timeout_s)
 
     def images_held(self) -> int:
         """Images the samplers hold at max replicas: on each, one batch running and the next filling."""

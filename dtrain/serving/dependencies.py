@@ -1,5 +1,5 @@
 """FastAPI dependencies of the serving app's routes: the ingress replica that answers (it holds the
-sampler and job-board handles, the admission gate, the quotas and the response cache) and the caller's
+sampler handle, the state store (jobs, quotas, response cache) and the admission gate) and the caller's
 tenant, authorized once per request by the bearer-token security scheme (401 for a missing or unknown
 token when the deployment has tokens)."""
 # No `from __future__ import annotations` here: FastAPI reads these signatures.

@@ -9,13 +9,13 @@ import hashlib
 import logging
 import random
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from cachetools import TTLCache
 from fastapi import HTTPException, Response
 from fastapi.security import HTTPAuthorizationCredentials
+from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from dtrain.images import png_bytes
@@ -35,22 +35,24 @@ logger = logging.getLogger("ray.serve")
 
 
 class IngressReplica:
-    """What only a replica of the ingress can do: hold the sampler and job-board handles and the
-    tokens, admit work to the samplers through its priority gate (by tier), count quotas and the
-    requests in flight, cache and sign responses. The routes reach it by the `IngressDep` dependency."""
+    """What only a replica of the ingress can do: hold the sampler handle, the state store (jobs, quotas and
+    the response cache, shared by every replica: dtrain.serving.store) and the tokens, admit work to the
+    samplers through its priority gate (by tier), run and heartbeat its jobs, count the requests in flight,
+    sign responses. The routes reach it by the `IngressDep` dependency."""
 
-    def __init__(self, sampler: DeploymentHandle, board: DeploymentHandle, catalog: dict, args: ServeArgs,
+    def __init__(self, sampler: DeploymentHandle, catalog: dict, args: ServeArgs,
                  watermark_key_id: Optional[str], signer: Optional[ProvenanceSigner] = None):
-        self.sampler, self.board, self.catalog, self.args = sampler, board, catalog, args
-        self.jobs: set[asyncio.Task] = set()
+        self.sampler, self.catalog, self.args = sampler, catalog, args
+        self.store = args.store_spec().open(_app_name())
+        self.jobs: dict[str, asyncio.Task] = {}  # this replica's running jobs (held, or the loop may drop them)
+        self.beating: Optional[asyncio.Task] = None
         self.key_id, self.signer = watermark_key_id, signer
         self.specs = args.models  # resolved: name -> ModelSpec
         self.auth = BearerAuth(args.auth_tokens_file, args.auth_tokens_env)
         self.metrics = IngressMetrics(next(iter(catalog)))
         self.in_flight = 0
-        self.cache = TTLCache(args.cache_entries, args.cache_ttl_s) if args.cache_entries else None
         self.gate = PriorityGate(args.admit_images or args.images_held())
-        self.quotas = Quotas()
+        self.quotas = Quotas(self.store.limits_storage())
         self.policy = InputPolicy(args.deny_classes, args.deny_words, args.deny_patterns)
         logger.info(f"ingress for {sorted(catalog)}: auth {'on' if self.auth.enabled else 'off'}, "
                     f"watermark {self.key_id or 'off'}, provenance {'signed' if signer else 'off'}")
@@ -112,8 +114,35 @@ class IngressReplica:
     def _policy(self, tenant: str) -> TenantPolicy:
         return self.args.tenants.get(tenant, self.args.default_tenant)
 
-    def check_quota(self, tenant: str, images: int) -> None:
-        wait = self.quotas.take(tenant, self._policy(tenant).images_per_minute, images)
+    async def state(self, op: Callable, *args: Any) -> Any:
+        """A state store operation, in a thread (it blocks); a store that fails is a 503, never a 500."""
+        try:
+            return await asyncio.to_thread(op, *args)
+        except self.store.errors:
+            logger.exception("the state store failed")
+            raise self.overloaded("state_store") from None
+
+    def own(self, job_id: str, task: asyncio.Task) -> None:
+        """Hold a job's task while it runs, and keep its heartbeat going."""
+        self.jobs[job_id] = task
+        task.add_done_callback(lambda _: self.jobs.pop(job_id, None))
+        if self.beating is None or self.beating.done():
+            self.beating = asyncio.ensure_future(self._heartbeats())
+
+    async def _heartbeats(self) -> None:
+        """While this replica runs jobs, four heartbeats per timeout for them, and a cleanup: jobs of dead
+        replicas fail, expired ones go, even when no one asks for them."""
+        while self.jobs:
+            await asyncio.sleep(self.args.job_heartbeat_timeout_s / 4)
+            try:
+                await asyncio.to_thread(self.store.heartbeat, list(self.jobs))
+                await asyncio.to_thread(self.store.cleanup)
+            except self.store.errors:
+                logger.warning("the state store failed a heartbeat", exc_info=True)
+
+    async def check_quota(self, tenant: str, images: int) -> None:
+        per_minute = self._policy(tenant).images_per_minute
+        wait = per_minute and await self.state(self.quotas.take, tenant, per_minute, images)
         if wait is not None:
             logger.info(f"refused: tenant {tenant!r}, {images} image(s): quota")
             raise self.refuse(429, "quota", {"code": "quota", "message": f"over the quota of {tenant}: retry "
@@ -155,12 +184,12 @@ class IngressReplica:
         self.in_flight += 1  # this request included: what the spike fallback's threshold counts
         try:
             plan = self.plan(req)
-            self.check_quota(tenant, plan.job.cost)
+            await self.check_quota(tenant, plan.job.cost)
             # everything the bytes depend on: the version's checkpoint and every generation parameter
             # (the job: class, prompt and negative prompt or regions and their method, seeds, sampler,
             # steps, guidance)
             key = (self.args.models[plan.name].versions[plan.version], plan.fallback, plan.job, self.key_id)
-            return await self.cached(key, response, lambda: self.answer_from(plan, tenant, started))
+            return await self.cached(key, response, GenerateResponse, lambda: self.answer_from(plan, tenant, started))
         finally:
             self.in_flight -= 1
 
@@ -197,25 +226,35 @@ class IngressReplica:
         self.in_flight += 1
         try:
             plan, source = self.plan_edit(req)
-            self.check_quota(tenant, plan.job.cost)
+            await self.check_quota(tenant, plan.job.cost)
             # the job holds the source's pixels; the file as sent is the manifest's ingredient, so it keys too
             key = (self.args.models[plan.name].versions[plan.version], "edit", plan.job,
                    hashlib.sha256(source.data).digest(), self.key_id)
-            return await self.cached(key, response, lambda: self.answer_from(plan, tenant, started, source))
+            return await self.cached(key, response, EditResponse,
+                                     lambda: self.answer_from(plan, tenant, started, source))
         finally:
             self.in_flight -= 1
 
-    async def cached(self, key: tuple, response: Response, compute):
-        """The response cache's answer for `key`, or compute()'s (an awaitable factory), stored; X-Cache
-        and the cache metric say which."""
-        if self.cache is None:
+    async def cached(self, key: tuple, response: Response, kind: type, compute):
+        """The response cache's answer for `key`, or compute()'s (an awaitable factory), stored in the state
+        store (shared by every ingress replica) as the response's JSON, under a digest of the key's repr (plain
+        values and frozen dataclasses: the same in every process, unlike hash() or a pickle's memo); X-Cache and
+        the cache metric say which."""
+        if not self.args.cache_entries:
             return await compute()
-        hit = self.cache.get(key)
-        self.metrics.cache.inc(tags={"result": "miss" if hit is None else "hit"})
-        response.headers["X-Cache"] = "miss" if hit is None else "hit"
-        if hit is None:
-            hit = self.cache[key] = await compute()
-        return hit
+        digest = hashlib.sha256(repr(key).encode("utf-8", "surrogatepass")).hexdigest()
+        raw = await self.state(self.store.cache_get, digest)
+        self.metrics.cache.inc(tags={"result": "miss" if raw is None else "hit"})
+        response.headers["X-Cache"] = "miss" if raw is None else "hit"
+        if raw is not None:
+            return kind.model_validate_json(raw)
+        answer = await compute()
+        try:
+            await asyncio.to_thread(self.store.cache_put, digest, answer.model_dump_json().encode(),
+                                    self.args.cache_ttl_s, self.args.cache_entries)
+        except self.store.errors:  # computed: answered, uncached
+            logger.warning("the state store failed to cache a response", exc_info=True)
+        return answer
 
     async def answer_from(self, plan: Plan, tenant: str, started: float, source: Upload | None = None):
         """The plan's images sampled and answered: an edit's (with its source) or a generation's."""
@@ -273,6 +312,14 @@ class IngressReplica:
                                 regions=job.regions and region_data(job.regions), region_method=job.region_method,
                                 sampler=job.sampler, steps=job.steps, guidance=job.guidance, nfe=job.nfe,
                                 seeds=list(job.seeds), watermark_key_id=self.key_id, images=pngs)
+
+
+def _app_name() -> str:
+    """The Serve app this replica serves (its state's name); "dtrain" for the app run in a plain process."""
+    try:
+        return serve.get_replica_context().app_name
+    except RayServeException:
+        return "dtrain"
 
 
 def condition_record(job: planning.Job) -> dict:

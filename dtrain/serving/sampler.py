@@ -20,7 +20,6 @@ from typing import Optional
 import numpy as np
 import torch
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from dtrain.checkpoint import load_model, read_meta, read_tokenizer
 from dtrain.editing import edit
@@ -33,6 +32,7 @@ from dtrain.runtime import pin_threads
 from dtrain.serving.jobs import Cancelled, LiveRows, watch_while
 from dtrain.serving.metrics import SamplerMetrics
 from dtrain.serving.planning import Job  # one request as the sampler sees it
+from dtrain.serving.store import StoreSpec
 from dtrain.watermark import WatermarkKey, recover_noise
 from dtrain.watermark import detect as detect_watermark
 
@@ -132,9 +132,11 @@ class Sampler:
     MODELS_PER_REPLICA versions it used."""
 
     def __init__(self, checkpoints: dict[str, str], default_model: str, precision: str = "auto",
-                 watermark: Optional[WatermarkKey] = None, board: Optional[DeploymentHandle] = None):
+                 watermark: Optional[WatermarkKey] = None, store: Optional[StoreSpec] = None):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.precision, self.watermark, self.board = precision, watermark, board
+        self.precision, self.watermark = precision, watermark
+        context = serve.get_replica_context()  # jobs' progress and cancellations go through the app's state store
+        self.replica, self.store = context.replica_id.to_full_id_str(), store and store.open(context.app_name)
         self.threads = pin_threads()  # the replica's num_cpus, not every core of the node
         self.checkpoints, self.default_model = checkpoints, default_model
         self.metrics = SamplerMetrics(default_model)
@@ -192,11 +194,11 @@ class Sampler:
         for idx in call_groups(jobs):
             group = [jobs[i] for i in idx]
             rows = (LiveRows([(j.job_id, j.images) for j in group])
-                    if self.board is not None and any(j.job_id for j in group) else None)
+                    if self.store is not None and any(j.job_id for j in group) else None)
             # in a thread: the replica's event loop keeps taking requests (the next batch fills
             # while this one computes), answering health checks and taking the jobs' cancellations
             compute = asyncio.ensure_future(asyncio.to_thread(render_call, m, group, self.watermark, rows))
-            watcher = rows and asyncio.ensure_future(watch_while(self.board, rows, compute))
+            watcher = rows and asyncio.ensure_future(watch_while(self.store, self.replica, rows, compute))
             try:
                 images = to_uint8(await compute)
             finally:

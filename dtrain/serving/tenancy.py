@@ -6,7 +6,8 @@ request that would pass it gets 429 with the seconds until it fits. Tiers order 
 for the samplers: an ingress sends at most `admit_images` images to the samplers at a time, and a
 freed slot goes to the highest tier waiting, first come first served within a tier.
 
-Both live in each ingress replica (one by default): with several, each enforces its share.
+Quotas are counted in the app's state store (dtrain.serving.store), so every ingress replica enforces the
+same one; the gate is each ingress replica's own (with several, each admits its share).
 """
 from __future__ import annotations
 
@@ -17,17 +18,22 @@ import math
 import time
 from typing import Optional
 
-from limits import RateLimitItemPerMinute, storage, strategies
+from limits import RateLimitItemPerMinute, strategies
+from limits.storage import MovingWindowSupport
 
 TIERS = {"high": 0, "standard": 1, "low": 2}  # lower is served first
 
 
 class Quotas:
-    def __init__(self):
-        self.limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+    """Images per tenant over a moving minute, counted in `storage` (the state store's `limits` storage:
+    every Quotas on the same store shares the counts; acquiring is atomic there)."""
+
+    def __init__(self, storage: MovingWindowSupport):
+        self.limiter = strategies.MovingWindowRateLimiter(storage)
 
     def take(self, tenant: str, images_per_minute: Optional[int], images: int) -> Optional[int]:
-        """Count `images` against the tenant's quota: None if they fit, else the seconds to wait."""
+        """Count `images` against the tenant's quota: None if they fit, else the seconds to wait (blocks: a
+        store round trip)."""
         if images_per_minute is None:
             return None
         item = RateLimitItemPerMinute(images_per_minute)
