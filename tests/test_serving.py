@@ -1,6 +1,7 @@
 """Serving: the typed serving config and auth (fast), then the real stack: Ray Serve over HTTP with
-mixed concurrent requests checked against direct sampling, auth, fuzzed bodies, a flood answered with
-503s, a killed replica replaced under traffic, and the Prometheus metrics."""
+requests of two tenants sharing a model call (read from the Prometheus metrics), mixed concurrent
+requests checked against direct sampling, auth, fuzzed bodies, a flood answered with 503s, a killed
+replica replaced under traffic, a new checkpoint rolled in under traffic, and the timeout's 503."""
 from __future__ import annotations
 
 import base64
@@ -21,6 +22,7 @@ from dtrain.serving.config import Autoscaling, ServeArgs
 from tests.conftest import registry
 
 TOKEN = "s3cret-token"
+TOKEN_B = "another-s3cret"  # tenant team-b
 
 
 def test_serve_args_are_strict_and_consistent(tiny_checkpoint, tmp_path):
@@ -114,7 +116,23 @@ def test_every_v1_route_is_behind_the_bearer_dependency_and_healthz_is_open(monk
 # --- the real stack ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def served(serve_url, versions, tmp_path_factory):
+def tokens_file(tmp_path_factory) -> str:
+    """Two tenants' tokens: TOKEN's (a tenant named by its digest) and TOKEN_B's, team-b."""
+    tokens = tmp_path_factory.mktemp("auth") / "tokens"
+    tokens.write_text(f"{TOKEN}\n{TOKEN_B} team-b\n")
+    return str(tokens)
+
+
+def _srv_args(models: dict, tokens_file: str, **changes) -> ServeArgs:
+    """The arguments of the module's deployment "srv" with the registry `models` and `changes`. A redeploy
+    replaces every replica, whatever changed: serve.run gives each deployment a new version on every call."""
+    return ServeArgs(models=models, num_replicas=2, replica_cpus=0.5, max_batch_images=8, max_images=4,
+                     max_queued_requests=16, retry_after_s=2, auth_tokens_file=tokens_file,
+                     precision="fp32", **changes)  # compared with fp32 renders
+
+
+@pytest.fixture(scope="module")
+def served(serve_url, versions, tokens_file):
     """Two sampler replicas of the model "tiny" (versions ckpt and v2: ckpt by default, half of the
     unversioned requests to v2 as a canary, v2 at one step as the spike fallback) behind token auth,
     at /srv; a short queue (16), so a flood of a hundred requests overflows it."""
@@ -122,12 +140,8 @@ def served(serve_url, versions, tmp_path_factory):
 
     from dtrain.serving.app import deploy
 
-    tokens = tmp_path_factory.mktemp("auth") / "tokens"
-    tokens.write_text(TOKEN + "\n")
-    deploy(ServeArgs(models=registry(versions, default="ckpt", canary={"version": "v2", "weight": 0.5},
-                                       fallback={"version": "v2", "steps": 1, "when_in_flight_over": 0}),
-                      num_replicas=2, replica_cpus=0.5, max_batch_images=8, max_images=4, max_queued_requests=16,
-                      retry_after_s=2, auth_tokens_file=str(tokens), precision="fp32"), "srv")  # compared with fp32 renders
+    deploy(_srv_args(registry(versions, default="ckpt", canary={"version": "v2", "weight": 0.5},
+                              fallback={"version": "v2", "steps": 1, "when_in_flight_over": 0}), tokens_file), "srv")
     with httpx.Client(base_url=f"{serve_url}/srv", timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
         yield c
     serve.delete("srv")
@@ -161,6 +175,83 @@ def _assert_same_images(answer: dict, expected: np.ndarray) -> None:
     # the same seed gives the same image in any batch; a matmul blocked differently may move a level
     got = np.stack([_pixels(b64) for b64 in answer["images"]]).astype(int)
     assert got.shape == expected.shape and np.abs(got - expected.astype(int)).max() <= 1
+
+
+def _metrics_text() -> str:
+    """The Prometheus text of this node's metrics port (Ray's and Serve's metrics, and dtrain's)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def _total(text: str, sample: str, **labels: str) -> float:
+    """The sum of the samples named `sample` with these labels, over every series (replica, worker)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+@pytest.mark.slow
+def test_concurrent_requests_of_two_tenants_share_one_model_call_and_the_metrics_show_it(served, versions):
+    """A long request on each sampler replica (100 Heun steps of 4 images); while they compute, eight clients,
+    a connection each and of two tenants in turn, send a one-image request each (the same sampler, steps and
+    guidance; other classes and seeds). They wait on their replica behind the long one and are answered
+    together: the requests-per-call histogram records a call of two requests or more, and
+    each image is the one sampled alone in this process. With batching off (max_batch_images=1, or a call
+    per request) every call answers one request and this fails. The batch sizes, and every other metric,
+    reach Prometheus. Put first among the deployment's tests, so no earlier traffic of "srv" is still on its
+    way to the metrics port when they are read."""
+    app = {"application": "srv", "model": "tiny/ckpt"}
+    before = _metrics_text()
+    long_body = {"version": "ckpt", "class_label": 0, "sampler": "heun", "steps": 100, "num_images": 4}
+    bodies = [{"version": "ckpt", "class_label": i, "seed": 40 + i, "steps": 3} for i in range(8)]
+    clients = [httpx.Client(base_url=served.base_url, timeout=60,
+                            headers={"Authorization": f"Bearer {(TOKEN, TOKEN_B)[i % 2]}"}) for i in range(8)]
+    burst = threading.Barrier(len(bodies))
+
+    def post(client, body):
+        burst.wait(timeout=30)
+        return client.post("/v1/generate", json=body)
+
+    try:
+        with ThreadPoolExecutor(len(bodies) + 2) as pool:
+            longs = [pool.submit(served.post, "/v1/generate", json=long_body) for _ in range(2)]
+            time.sleep(0.1)  # on their replicas (one each: the router picks the one with less in flight)
+            answers = list(pool.map(post, clients, bodies))
+            assert all(f.result().status_code == 200 for f in longs)
+    finally:
+        for c in clients:
+            c.close()
+    for body, r in zip(bodies, answers):
+        assert r.status_code == 200, r.text
+        _assert_same_images(r.json(), _direct(versions, "ckpt", body))
+    # and a refusal, so every metric has been recorded once
+    assert served.post("/v1/generate", json={"class_label": 3}, headers={"Authorization": ""}).status_code == 401
+
+    images = 2 * 4 + len(bodies)
+    deadline, text = time.time() + 60, before  # Ray exports every 10 s
+    while (_total(text, "ray_dtrain_serve_images_total", **app) - _total(before, "ray_dtrain_serve_images_total", **app)
+           < images or 'reason="unauthorized"' not in text) and time.time() < deadline:
+        time.sleep(0.5)
+        text = _metrics_text()
+    # counts are exact; a histogram's _sum is not (Ray's export estimates it from bucket midpoints)
+    delta = {name: _total(text, name, **app) - _total(before, name, **app)
+             for name in ("ray_dtrain_serve_images_total", "ray_dtrain_serve_batch_images_count",
+                          "ray_dtrain_serve_batch_requests_count")}
+    calls = delta["ray_dtrain_serve_batch_requests_count"]
+    alone = (_total(text, "ray_dtrain_serve_batch_requests_bucket", le="1.0", **app)
+             - _total(before, "ray_dtrain_serve_batch_requests_bucket", le="1.0", **app))
+    print(f"\n{len(bodies) + 2} requests ({delta['ray_dtrain_serve_images_total']:.0f} images) in {calls:.0f} model "
+          f"calls, {calls - alone:.0f} of them shared by two requests or more")
+    assert delta["ray_dtrain_serve_images_total"] == images and delta["ray_dtrain_serve_batch_images_count"] == calls
+    assert calls - alone >= 1 and calls < len(bodies) + 2, (delta, alone)
+    names = ("dtrain_serve_images", "dtrain_serve_nfe", "dtrain_serve_batch_images", "dtrain_serve_batch_requests",
+             "dtrain_serve_stage_seconds", "dtrain_serve_refusals", "dtrain_serve_queue_depth")
+    missing = [n for n in names if n not in text]
+    assert not missing, f"not exported: {missing}; " + "\n".join(line for line in text.splitlines() if "dtrain" in line)
+    assert 'stage="compute"' in text and 'reason="unauthorized"' in text
 
 
 @pytest.mark.slow
@@ -294,24 +385,6 @@ def test_killed_replica_is_replaced_while_traffic_continues(served):
 
 
 @pytest.mark.slow
-def test_metrics_reach_prometheus(served):
-    import ray
-
-    served.post("/v1/generate", json={"class_label": 3, "num_images": 2, "steps": 3}).raise_for_status()
-    assert served.post("/v1/generate", json={"class_label": 3}, headers={"Authorization": ""}).status_code == 401
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline, text = time.time() + 60, ""
-    names = ("dtrain_serve_images", "dtrain_serve_nfe", "dtrain_serve_batch_images", "dtrain_serve_stage_seconds",
-             "dtrain_serve_refusals", "dtrain_serve_queue_depth")
-    while time.time() < deadline and not all(n in text for n in names):
-        time.sleep(2)
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    missing = [n for n in names if n not in text]
-    assert not missing, f"not exported: {missing}; " + "\n".join(line for line in text.splitlines() if "dtrain" in line)
-    assert 'stage="compute"' in text and 'reason="unauthorized"' in text
-
-
-@pytest.mark.slow
 def test_a_flood_is_shed_with_503_and_nothing_admitted_is_lost(served):
     """Room for 64 requests at the ingress (48 in flight: 2 replicas x 2 batches of 8 images, plus a queue
     of 16), and for 48 at the samplers: 128 at once get only 200 (complete) or 503 with Retry-After. Each asks
@@ -335,32 +408,105 @@ def test_a_flood_is_shed_with_503_and_nothing_admitted_is_lost(served):
     assert all(r.headers.get("retry-after") == "2" for r in answers if r.status_code == 503)
 
 
+class _Traffic:
+    """Clients (a thread and a connection each) sending `body` one request after another until the block ends:
+    `answers` holds (when it was sent, time.monotonic(), and the response) in the order they came back."""
+
+    def __init__(self, served: httpx.Client, body: dict, clients: int = 3):
+        self.served, self.body, self.clients = served, body, clients
+        self.answers: list[tuple[float, httpx.Response]] = []
+        self.stop = threading.Event()
+
+    def _send(self):
+        with httpx.Client(base_url=self.served.base_url, headers=self.served.headers, timeout=60) as client:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                self.answers.append((sent, client.post("/v1/generate", json=self.body)))
+
+    def __enter__(self) -> "_Traffic":
+        self.threads = [threading.Thread(target=self._send) for _ in range(self.clients)]
+        for t in self.threads:
+            t.start()
+        while len(self.answers) < self.clients:  # flowing before the block's work starts
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def _sampler_replicas() -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and "srv#Sampler" in a["name"]}
+
+
 @pytest.mark.slow
-def test_a_new_default_version_deploys_under_traffic_without_losing_a_request(served, versions, tmp_path):
-    """Redeploy with v2 as the default (no canary) while clients keep sending: every request answered."""
+def test_a_new_default_version_from_a_new_checkpoint_rolls_in_under_traffic_without_losing_a_request(
+        served, versions, tokens_file, tmp_path):
+    """Redeploy while three clients keep sending unversioned requests: v2, served from a run directory that has
+    gained a newer checkpoint (as after more training), becomes the default, with no canary. serve.run gives
+    every deployment a new version, so Serve replaces every replica, the samplers one at a time. Every request
+    is answered 200 with exactly the images of ckpt or of the old v2 (the canary) before, and of the new
+    checkpoint once the deploy has returned; no replica of before is left."""
+    from dtrain.checkpoint import read_config
+    from dtrain.serving.app import deploy
+    from tests.conftest import write_tiny_checkpoint
+
+    shards = read_config(versions["v2"]).data.val_shards
+    run = tmp_path / "run"
+    write_tiny_checkpoint(run / "checkpoint_000001", shards, seed=1)
+    new = write_tiny_checkpoint(run / "checkpoint_000002", shards, seed=2)  # the newest: the one deployed
+    body = {"class_label": 6, "seed": 11, "steps": 2}
+    expected = {"ckpt": _direct(versions, "ckpt", body), "old v2": _direct(versions, "v2", body),
+                "new v2": _direct({"v2": new}, "v2", body)}
+
+    def which(answer: dict) -> str:
+        got = _pixels(answer["images"][0]).astype(int)
+        return next((k for k, px in expected.items() if np.abs(got - px[0].astype(int)).max() <= 1), "neither")
+
+    samplers = _sampler_replicas()
+    with _Traffic(served, body) as traffic:
+        deploy(_srv_args(registry({**versions, "v2": run}, default="v2"), tokens_file), "srv")
+        deployed = time.monotonic()
+        time.sleep(1.0)
+    statuses = [r.status_code for _, r in traffic.answers]
+    assert len(statuses) > 10 and set(statuses) == {200}, statuses
+    kinds = [which(r.json()) for _, r in traffic.answers]
+    during = [k for (sent, _), k in zip(traffic.answers, kinds) if sent <= deployed]
+    after = [k for (sent, _), k in zip(traffic.answers, kinds) if sent > deployed]
+    seen = ", ".join(f"{during.count(k)} {k}" for k in expected)
+    print(f"\n{len(kinds)} requests, all 200: sent during the roll {len(during)} ({seen}), after it {len(after)}")
+    assert "neither" not in kinds and set(kinds[:3]) <= {"ckpt", "old v2"}, kinds  # the first before the deploy
+    assert after and set(after) == {"new v2"}, kinds
+    assert all(which(a := served.post("/v1/generate", json=body).json()) == "new v2" and a["version"] == "v2"
+               for _ in range(4))
+    now = _sampler_replicas()
+    assert len(now) == 2 and not now & samplers, (samplers, now)
+
+
+@pytest.mark.slow
+def test_a_request_unanswered_after_request_timeout_s_gets_503_with_retry_after(serve_url, versions, tokens_file):
+    """A deployment of its own (one sampler replica) whose request_timeout_s is 0.1 s: a request that takes
+    longer (100 Heun steps of 4 images, 0.4 s of compute alone in one process on this machine) is answered
+    503 with Retry-After, naming the timeout."""
+    from ray import serve
+
     from dtrain.serving.app import deploy
 
-    statuses, served_by, stop = [], [], threading.Event()
-
-    def traffic():
-        while not stop.is_set():
-            r = served.post("/v1/generate", json={"class_label": 1, "steps": 2})
-            statuses.append(r.status_code)
-            served_by.append(r.json().get("version") if r.status_code == 200 else None)
-
-    threads = [threading.Thread(target=traffic) for _ in range(3)]
-    for t in threads:
-        t.start()
+    deploy(ServeArgs(models=registry(versions), num_replicas=1, replica_cpus=0.5, max_images=4, retry_after_s=3,
+                     request_timeout_s=0.1, auth_tokens_file=tokens_file, watermark=False, provenance=False), "slow")
     try:
-        tokens = tmp_path / "tokens"
-        tokens.write_text(TOKEN)
-        deploy(ServeArgs(models=registry(versions, default="v2"), num_replicas=2, replica_cpus=0.5,
-                         max_batch_images=8, max_images=4, auth_tokens_file=str(tokens)), "srv")
-        time.sleep(1.0)
+        with httpx.Client(base_url=f"{serve_url}/slow", timeout=60,
+                          headers={"Authorization": f"Bearer {TOKEN_B}"}) as client:
+            started = time.monotonic()
+            r = client.post("/v1/generate", json={"class_label": 1, "sampler": "heun", "steps": 100, "num_images": 4})
+            waited = time.monotonic() - started
     finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert len(statuses) > 10 and set(statuses) == {200}, statuses
-    assert served_by[-1] == "v2" and all(served.post("/v1/generate", json={"class_label": 1, "steps": 2}).json()[
-        "version"] == "v2" for _ in range(4))
+        serve.delete("slow", _blocking=False)  # its last replica drains while the next test runs
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "3" and r.json() == {"detail": "timeout: retry later"}
+    print(f"\n503 after {waited:.2f} s")

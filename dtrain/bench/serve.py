@@ -7,10 +7,14 @@ app rides a traffic spike. Loopback only, bounded in time and in clients.
 3. An autoscaling deployment under a spike: baseline clients, 8x, baseline again, then a 10x
    flood: replicas over time, how long after the spike the most replicas ran, and that every
    answer was a 200, 429 or 503 with no admitted request lost (no dropped connection, no 5xx).
+   The time from the spike to the first replica it added running is split into the controller's
+   decision, process start, imports, model load, warm-up and Serve's own steps (`scale_up_split`,
+   from the Serve logs: the controller's decisions, each sampler replica's logged start phases).
 """
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -136,6 +140,79 @@ def time_to_max(samples: list[tuple[float, int]], spike_at: float, most: int) ->
     return next((t - spike_at for t, n in samples if t >= spike_at and n >= most), None)
 
 
+_DECISION = re.compile(r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) controller \d+ -- (Up|Down)scaling "
+                       r"Deployment\(name='(\w+)', app='([^']*)'\) from (\d+) to (\d+) replicas")
+_RUNNING = re.compile(r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) controller \d+ -- Replica\(id='(\w+)', "
+                      r"deployment='(\w+)', app='([^']*)'\) started successfully")
+
+
+def _log_time(stamp: str) -> float:
+    """Seconds since the epoch of a Serve log line's time (local, to the millisecond)."""
+    from datetime import datetime
+
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def serve_logs() -> Path:
+    """This process's Ray cluster's Serve logs (a local cluster: the controller's and every replica's)."""
+    import ray
+
+    return Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+
+
+def scaling_events(app: str, deployment: str = "Sampler", logs: Optional[Path] = None) -> dict:
+    """From the Serve logs: the controller's scaling decisions [(time, from, to)], the replicas it saw
+    running [(time, replica id)], and the sampler replicas' start phases {replica id: Startup times}
+    (dtrain.serving.autoscaling.Startup), times in seconds since the epoch."""
+    from dtrain.serving.autoscaling import parse_startup
+
+    logs = logs or serve_logs()
+    decisions, running, startups = [], [], {}
+    for f in sorted(logs.glob("controller_*.log")):
+        for line in f.read_text(errors="replace").splitlines():
+            if (m := _DECISION.match(line)) and m[3] == deployment and m[4] == app:
+                decisions.append((_log_time(m[1]), int(m[5]), int(m[6])))
+            elif (m := _RUNNING.match(line)) and m[3] == deployment and m[4] == app:
+                running.append((_log_time(m[1]), m[2]))
+    for f in sorted(logs.glob(f"replica_{app}_{deployment}_*.log")):
+        for line in f.read_text(errors="replace").splitlines():
+            if (startup := parse_startup(line)) is not None:
+                startups[startup["replica"].rsplit("#", 1)[-1]] = startup
+    return {"decisions": sorted(decisions), "running": sorted(running), "startups": startups}
+
+
+def scale_up_split(app: str, burst_at: float, deployment: str = "Sampler", logs: Optional[Path] = None) -> Optional[dict]:
+    """The seconds from a burst (`burst_at`, since the epoch) to the first replica it added running, split:
+    - decision: until the controller's first upscaling after the burst;
+    - process_start: until the replica's process was created (0 where Ray gave it a worker process it had
+      started before);
+    - worker_boot: until that process began importing dtrain's serving code (Ray's worker, Serve's
+      replica actor and its imports);
+    - imports: dtrain.serving.sampler and all it imports (torch, ...);
+    - init_call: until Serve's controller, seeing the replica allocated, asked it to initialize;
+    - model_load: the replica's __init__ to its default model loaded;
+    - warm_up: a one-step sample;
+    - serve: until the controller saw it running (Serve's reconfigure, first health check, next loop).
+    None until a decision after the burst and a replica started after it are both in the logs."""
+    events = scaling_events(app, deployment, logs)
+    decided = next((t for t, old, new in events["decisions"] if t >= burst_at and new > old), None)
+    if decided is None:
+        return None
+    started = [(t, rid) for t, rid in events["running"] if t >= decided and rid in events["startups"]]
+    if not started:
+        return None
+    ran, rid = started[0]
+    s = events["startups"][rid]
+    process = max(s["process"], decided)
+    split = {"decision": decided - burst_at, "process_start": process - decided,
+             "worker_boot": s["imports_began"] - process, "imports": s["imports_done"] - s["imports_began"],
+             "init_call": s["init_began"] - s["imports_done"], "model_load": s["model_loaded"] - s["init_began"],
+             "warm_up": s["warmed_up"] - s["model_loaded"], "serve": ran - s["warmed_up"]}
+    return {"seconds": {k: round(v, 3) for k, v in split.items()},
+            "ready_after_decision_s": round(ran - decided, 3), "ready_after_burst_s": round(ran - burst_at, 3),
+            "worker_started_before_decision": s["process"] < decided, "replica": rid}
+
+
 def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: float = 6.0,
         concurrencies: tuple[int, ...] = (1, 16, 64), baseline: int = 4, max_replicas: int = 4,
         replica_cpus: float = 0.5, max_batch_images: int = 16, batch_wait_timeout_s: float = 0.005,
@@ -176,14 +253,15 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
     serve.delete("bench_fixed")
 
     # autoscaling through a spike and a flood
-    scaling = Autoscaling(min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=2 * baseline,
+    # dtrain's policy on images per replica: the baseline's images fill half a replica, the spike's 4
+    scaling = Autoscaling(min_replicas=1, max_replicas=max_replicas, target_images_per_replica=2 * baseline,
                           upscale_delay_s=0.5, downscale_delay_s=30)
     deploy(ServeArgs(checkpoint=checkpoint, autoscaling=scaling, replica_cpus=replica_cpus,
                                     max_batch_images=max_batch_images, batch_wait_timeout_s=batch_wait_timeout_s,
                                     max_queued_requests=64), "bench_auto")
     phases = [("baseline", baseline, seconds), ("spike 8x", 8 * baseline, seconds), ("baseline again", baseline, seconds),
               ("flood 10x", 80 * baseline, seconds / 2)]
-    origin = time.perf_counter()
+    origin, origin_epoch = time.perf_counter(), time.time()
     with ReplicaWatch("bench_auto", origin) as watch:
         shots = asyncio.run(_phases(f"{url}/bench_auto", body, phases, origin))
     serve.delete("bench_auto")
@@ -201,6 +279,8 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
         "added_latency_ms": fixed[min(fixed)]["p50_ms"] - limit["one_image_ms"],
         "seconds_to_scale_decision_after_spike": time_to_max(watch.requested, float(starts[1]), max_replicas),
         "seconds_to_max_replicas_after_spike": reached,
+        # the first replica the spike added: decision, process start, imports, model load, warm-up, ...
+        "scale_up_split": scale_up_split("bench_auto", origin_epoch + float(starts[1])),
         "flood_codes": flood["codes"],
         "flood_only_200_429_503": set(flood["codes"]) <= {"200", "429", "503"},
         "lost_requests": sum(r["codes"].get("0", 0) + sum(v for k, v in r["codes"].items() if k.startswith("5")

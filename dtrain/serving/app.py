@@ -225,8 +225,9 @@ def build_app(args: ServeArgs):
     catalog = {name: {v: version_info(name, v, path) for v, path in spec.versions.items()}
                for name, spec in args.models.items()}
     checkpoints = {f"{name}/{v}": path for name, spec in args.models.items() for v, path in spec.versions.items()}
+    # autoscaling on images queued and in flight per replica (dtrain.serving.autoscaling), by default
     scaling = ({"num_replicas": args.num_replicas} if args.num_replicas
-               else {"autoscaling_config": args.autoscaling.serve_config()})
+               else {"autoscaling_config": args.autoscaling.serve_config(args.max_batch_images)})
     overload = BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s)
     sampler = Sampler.options(
         **scaling,

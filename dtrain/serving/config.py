@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dtrain import storage
 from dtrain.checkpoint import checkpoint_uri, resolve
+from dtrain.serving.autoscaling import serve_policy
 from dtrain.serving.policy import compile_rules
 from dtrain.serving.schemas import MAX_IMAGE_CHARS
 from dtrain.serving.store import StoreSpec, check_url
@@ -20,14 +21,25 @@ class _Strict(BaseModel):
 
 
 class Autoscaling(_Strict):
-    """Sampler replicas follow queue depth (requests queued or running per replica). Serve's defaults
-    wait 30 s before scaling up; these react within seconds of a spike."""
+    """Sampler replicas follow dtrain's own signal by default: the images queued and in flight per replica
+    (dtrain.serving.autoscaling, Serve's custom policy API), or Serve's default policy on requests
+    (`policy: requests`). Serve's defaults wait 30 s before scaling up; these react within seconds of a
+    spike."""
     min_replicas: int = Field(1, ge=0, description="0 scales to zero when idle (the first request waits for a replica)")
     max_replicas: int = Field(4, ge=1)
     initial_replicas: Optional[int] = Field(None, ge=0, description="replicas at deploy: a warm pool above min")
-    target_ongoing_requests: float = Field(8.0, gt=0, description="requests per replica the autoscaler aims at")
+    policy: Literal["images", "requests"] = Field(
+        "images", description="images: images queued and in flight per replica (target_images_per_replica); "
+                              "requests: Serve's default, ongoing requests per replica (target_ongoing_requests)")
+    target_images_per_replica: Optional[float] = Field(
+        None, gt=0, description="policy images: images per replica the autoscaler aims at; default max_batch_images "
+                                "(one batch computing, the next filling)")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="policy requests: requests per replica the "
+                                                                  "autoscaler aims at")
     upscale_delay_s: float = Field(0.25, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    downscale_to_zero_delay_s: Optional[float] = Field(None, ge=0, description="from 1 replica to 0 (with "
+                                                                               "min_replicas 0); default downscale_delay_s")
     metrics_interval_s: float = Field(0.25, gt=0)
     look_back_period_s: float = Field(1.0, gt=0)
 
@@ -35,10 +47,18 @@ class Autoscaling(_Strict):
     def _ordered(self) -> "Autoscaling":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas {self.initial_replicas} is not within min_replicas "
+                             f"{self.min_replicas} and max_replicas {self.max_replicas}")
         return self
 
-    def serve_config(self) -> dict:
-        return self.model_dump(exclude_none=True)
+    def serve_config(self, max_batch_images: int = 16) -> dict:
+        """Serve's AutoscalingConfig, as a dict: with policy images, dtrain's ImagesPolicy at
+        target_images_per_replica (default `max_batch_images`)."""
+        config = self.model_dump(exclude_none=True, exclude={"policy", "target_images_per_replica"})
+        if self.policy == "images":
+            config["policy"] = serve_policy(self.target_images_per_replica or float(max_batch_images))
+        return config
 
 
 class Canary(_Strict):

@@ -11,6 +11,7 @@ batched with, and does not gain from batching itself. An edit (POST /v1/edit: dt
 image it carries) is a model call of its own in the same way, one image."""
 from __future__ import annotations
 
+from dtrain.serving.autoscaling import IMAGES, REQUESTS, Startup  # first: it clocks the imports below (stdlib only)
 import asyncio
 import logging
 import time
@@ -125,14 +126,14 @@ class _Cast(torch.nn.Module):
         return self.run(x, t, cond, s)
 
 
-@serve.deployment(graceful_shutdown_timeout_s=60, health_check_period_s=10, health_check_timeout_s=60)
-class Sampler:
+class SamplerReplica:
     """Every version of the registry behind one deployment: Serve's model multiplexing routes a
     request to a replica that already holds its version, and a replica keeps the last
     MODELS_PER_REPLICA versions it used."""
 
     def __init__(self, checkpoints: dict[str, str], default_model: str, precision: str = "auto",
                  watermark: Optional[WatermarkKey] = None, store: Optional[StoreSpec] = None):
+        self.startup = Startup(IMPORTED)  # when this process started, imported, began this (autoscaling's timeline)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precision, self.watermark = precision, watermark
         context = serve.get_replica_context()  # jobs' progress and cancellations go through the app's state store
@@ -141,13 +142,33 @@ class Sampler:
         self.checkpoints, self.default_model = checkpoints, default_model
         self.metrics = SamplerMetrics(default_model)
         self.waiting = 0
+        self.held = {IMAGES: 0, REQUESTS: 0}  # received, not yet answered: the autoscaling signal
+        # the default version loaded and warmed up before the replica counts as ready (its first requests
+        # would wait for both); model() takes it from here
+        self.warm = {default_model: self.load(default_model)}
+        self.startup.mark("model_loaded")
+        self.warm_up(self.warm[default_model])
+        self.startup.mark("warmed_up")
+        logger.info(self.startup.log_line(self.replica))
+
+    def warm_up(self, m: Loaded) -> None:
+        """A one-step, one-image sample: the first call's one-time costs (kernel selection, allocator)
+        paid at start. Nothing is compiled, so nothing is compiled twice."""
+        text = m.cfg.model.conditioning == "text"
+        cond = conditions(m.cfg, m.tokenizer, [""]) if text else torch.zeros(1, dtype=torch.long)
+        render(m.net, m.cfg, m.meta, cond, [0], 1, 1.0, m.precision)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics (dtrain.serving.autoscaling.ImagesPolicy): the images
+        this replica holds, waiting for a batch or computing, and the requests they came in."""
+        return dict(self.held)
 
     async def check_health(self) -> None:
         await self.probe()  # raising marks the replica unhealthy and Serve replaces it
 
     async def probe(self) -> dict:
         """A real one-step, one-image sample of `default_model` (the registry's first version): the
-        health check of the replica and of `/healthz`. The first one, at start, loads the model: a
+        health check of the replica and of `/healthz`. The model was loaded and warmed up at start: a
         replica that cannot sample (a missing VAE, a bad device) fails then, not per request."""
         start = time.perf_counter()
         m = await self.model(self.default_model)
@@ -160,6 +181,9 @@ class Sampler:
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def model(self, model_id: str) -> Loaded:
+        return self.warm.pop(model_id, None) or self.load(model_id)
+
+    def load(self, model_id: str) -> Loaded:
         if model_id not in self.checkpoints:
             raise KeyError(f"unknown model {model_id!r}")
         net, cfg = load_model(self.checkpoints[model_id])
@@ -178,7 +202,13 @@ class Sampler:
     async def __call__(self, job: Job) -> np.ndarray | Cancelled:
         self.waiting += 1
         self.metrics.queue_depth.set(self.waiting)
-        return await self.run_batch(job, time.perf_counter())
+        self.held[IMAGES] += job.cost
+        self.held[REQUESTS] += 1
+        try:
+            return await self.run_batch(job, time.perf_counter())
+        finally:
+            self.held[IMAGES] -= job.cost
+            self.held[REQUESTS] -= 1
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=images_in)  # sized by the jobs
     async def run_batch(self, jobs: list[Job], queued_at: list[float]) -> list[np.ndarray | Cancelled]:
@@ -204,7 +234,8 @@ class Sampler:
             finally:
                 if watcher:
                     watcher.cancel()
-            self.metrics.batch_images.observe(images_in(group), tags=tags)
+            self.metrics.batch_images.observe(images_in(group), tags=tags)  # one model call: its size,
+            self.metrics.batch_requests.observe(len(group), tags=tags)  # and the requests it answered
             self.metrics.images.inc(images_in(group), tags=tags)
             self.metrics.nfe.inc(sum(j.images * j.nfe for j in group), tags=tags)
             start = 0
@@ -222,6 +253,12 @@ class Sampler:
         return detect_watermark(noises, [self.watermark])
 
 
+# The deployment. Its class has a name of its own in this module, so Ray pickles it by reference and a replica
+# imports this module (by value, as a decorated class is pickled, its methods would keep the driver's globals).
+Sampler = serve.deployment(SamplerReplica, name="Sampler", graceful_shutdown_timeout_s=60, health_check_period_s=10,
+                           health_check_timeout_s=60)
+
+
 def replica_gpus(requested: Optional[float]) -> float:
     """GPUs per sampler replica: as asked, else one where the cluster has any."""
     if requested is not None:
@@ -229,3 +266,6 @@ def replica_gpus(requested: Optional[float]) -> float:
     import ray
 
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+IMPORTED = time.time()  # the end of this module's imports: a replica's start phases (autoscaling.Startup)
