@@ -855,6 +855,121 @@ def detect(images, checkpoint, key_files, steps, sync):
         click.echo(json.dumps({"image": path, **result}))
 
 
+@main.group()
+def detector():
+    """A learned detector of generated images (spatial + FFT branches): generate shards, train, evaluate."""
+
+
+def _named_checkpoints(pairs) -> dict[str, str]:
+    """('NAME=CHECKPOINT', ...) -> {NAME: CHECKPOINT}; a UserError naming the bad one."""
+    out = {}
+    for p in pairs:
+        name, sep, ckpt = p.partition("=")
+        if not sep or not name or not ckpt:
+            raise UserError(f"'{p}': give each generator as NAME=CHECKPOINT, e.g. pretrain-1200=runs/x/checkpoint_00001200")
+        if name in out:
+            raise UserError(f"generator name {name!r} given twice")
+        if not _checkpoint_exists(ckpt):
+            raise UserError(f"'{p}': checkpoint '{ckpt}': no such file or directory")
+        out[name] = ckpt
+    return out
+
+
+def _checkpoint_exists(value: str) -> bool:
+    from dtrain.storage import is_uri
+
+    return is_uri(value) or Path(value).exists()
+
+
+@detector.command("generate")
+@click.argument("generators", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="One directory per generator is written here.")
+@click.option("--n", default=256, show_default=True, type=click.IntRange(min=1), help="Images per generator.")
+@click.option("--seed", default=0, show_default=True, help="Seeds seed..seed+n-1 (use other seeds for evaluation).")
+@click.option("--no-ray", is_flag=True, help="Sample in this process, one checkpoint after another.")
+@click.option("--watermarked", is_flag=True, help="With the keyed watermark (a fresh key): for a row apart, never training.")
+@click.option("--address", default=None, help="Ray cluster address (default: start a local cluster).")
+def detector_generate(generators, out, n, seed, no_ray, watermarked, address):
+    """Sample each GENERATOR, given as NAME=CHECKPOINT, into OUT/NAME (WebDataset shards labelled NAME and
+    a generator.json manifest), one Ray task per checkpoint."""
+    from dtrain.detector.data import generate
+
+    for m in generate(_named_checkpoints(generators), out, n=n, seed=seed, use_ray=not no_ray, address=address,
+                      watermarked=watermarked):
+        click.echo(f"{m['generator']}: {m['n']} images ({m['stage']}, {m['sampler']} {m['steps']} steps, guidance "
+                   f"{m['guidance']}) in {m['sample_seconds']} s -> {Path(out) / m['generator']}")
+
+
+@detector.command("train")
+@click.option("--real", required=True, help="Real image shards (brace patterns, '::'-joined).")
+@click.option("--generated", multiple=True, type=click.Path(file_okay=False),
+              help="A directory of `dtrain detector generate` (repeatable).")
+@click.option("--held-out", multiple=True, help="A generator name that must not be in training (repeatable): checked.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The detector file (.safetensors).")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=3e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Ray Train workers (DDP, gloo).")
+@click.option("--width", default=16, show_default=True, type=click.IntRange(min=1), help="Conv channels per branch.")
+@click.option("--branches", default="both", show_default=True, type=click.Choice(["both", "spatial", "fft"]))
+@click.option("--encoding", default="png", show_default=True, help="What both classes go through: png or jpeg<q>.")
+@click.option("--real-limit", default=None, type=click.IntRange(min=1), help="Use the first N real images.")
+@click.option("--augment", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Attacked copies per image (random JPEG, rescale, crop, blur, noise), both classes alike.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--address", default=None, help="Ray cluster address (default: start a local cluster).")
+@click.option("--json", "as_json", is_flag=True)
+def detector_train(real, generated, held_out, out, epochs, batch_size, lr, workers, width, branches, encoding,
+                   real_limit, augment, seed, address, as_json):
+    """Train the detector with Ray Train on --real shards against --generated shards."""
+    import json
+
+    from dtrain.detector.encoding import check_encoding
+    from dtrain.detector.model import DetectorConfig
+    from dtrain.detector.train import fit
+
+    missing = [d for d in generated if not Path(d).is_dir()]
+    if missing:
+        raise UserError(f"--generated {missing[0]}: no such directory")
+    config = DetectorConfig(width=width, branches=branches, encoding=check_encoding(encoding))
+    result = fit(real, list(generated), out, config, epochs=epochs, batch_size=batch_size, lr=lr, workers=workers,
+                 real_limit=real_limit, held_out=list(held_out), seed=seed, address=address, augment_copies=augment,
+                 log=lambda line: click.echo(line, err=as_json))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
+@detector.command("eval")
+@click.argument("detector_file", type=click.Path(dir_okay=False))
+@click.option("--real", required=True, help="Real image shards the detector did not train on.")
+@click.option("--generated", multiple=True, type=click.Path(file_okay=False),
+              help="A directory of `dtrain detector generate` (repeatable); held out when not a training generator.")
+@click.option("--attacks", default=None, help="Comma-separated attacks (default: all; clean, jpeg_q75, jpeg_q50, "
+                                              "resize_0.5, crop_resize_0.75, blur_r0.5, noise_0.05).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Images per class (default: all).")
+@click.option("--reference", default=None, type=CHECKPOINT,
+              help="A pixel-space checkpoint: adds the AEROBLADE-style baseline, reconstruction through its ODE.")
+@click.option("--depth", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="How far back along the reference's ODE the reconstruction goes.")
+@click.option("--json", "as_json", is_flag=True)
+def detector_eval(detector_file, real, generated, attacks, limit, reference, depth, as_json):
+    """AUC, AP and TPR at 1% FPR per generator, clean and under attacks, beside the training-free baselines."""
+    from dtrain.bench import emit
+    from dtrain.detector.evaluate import DETECTOR_ATTACKS, evaluate
+
+    names = tuple(a for a in attacks.split(",") if a) if attacks else None
+    unknown = sorted(set(names or ()) - set(DETECTOR_ATTACKS))
+    if unknown:
+        raise UserError(f"--attacks: unknown attack {unknown[0]!r} (choose from {', '.join(DETECTOR_ATTACKS)})")
+    missing = [d for d in generated if not Path(d).is_dir()]
+    if not generated or missing:
+        raise UserError(f"--generated {missing[0]}: no such directory" if missing else
+                        "give --generated DIR (repeatable): the generated images to score")
+    rows, summary = evaluate(detector_file, real, list(generated), names, limit, reference=reference, depth=depth,
+                             log=lambda line: click.echo(line, err=as_json))
+    click.echo(emit(rows, as_json, summary))
+
+
 @main.command()
 @click.argument("checkpoint", type=CHECKPOINT)
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
