@@ -105,3 +105,47 @@ def test_bench_objectives_times_each_objective_on_one_model():
         ("mean flow", "finite_difference"), ("consistency distillation", "heun teacher")]
     assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["vs_flow_matching"] == 1.0
     assert summary["model"] == "dit/tiny"
+
+
+@pytest.mark.slow
+def test_the_serve_benchs_peer_answers_what_dtrain_answers(serve_url, tiny_checkpoint):
+    """The peer of `dtrain bench serve` (a minimal Serve app) samples the same checkpoint the same way as
+    dtrain with its optional features off: the same pixels for the same class, seed and steps, so the
+    bench compares request paths, not work. Concurrent requests share its @serve.batch call."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+    from ray import serve
+
+    from dtrain.bench.peer import peer_app
+    from dtrain.serving.app import deploy
+    from dtrain.serving.config import ServeArgs
+
+    def pixels(r) -> list:
+        assert r.status_code == 200, r.text
+        return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in r.json()["images"]]
+
+    body = {"class_label": 3, "seed": 5, "steps": 3, "num_images": 2}
+    deploy(ServeArgs(checkpoint=str(tiny_checkpoint), num_replicas=1, replica_cpus=0.5, watermark=False,
+                     provenance=False, precision="fp32"), "bench_dtrain")
+    serve.run(peer_app(str(tiny_checkpoint), 0.5, 8), name="bench_peer", route_prefix="/bench_peer")
+    try:
+        ours = pixels(httpx.post(f"{serve_url}/bench_dtrain/v1/generate", json=body, timeout=60))
+        with ThreadPoolExecutor(6) as pool:  # batched with others: each answer unchanged
+            answers = list(pool.map(lambda s: httpx.post(f"{serve_url}/bench_peer/v1/generate", timeout=60,
+                                                         json={**body, "seed": s}), [5, 6, 7, 8, 9, 10]))
+        peer = pixels(answers[0])
+
+        def same(a, b) -> bool:  # within one level: a batch's other rows may round a last bit otherwise
+            return np.abs(a.astype(int) - b).max() <= 1
+
+        assert len(peer) == 2 and all(same(a, b) for a, b in zip(ours, peer))
+        assert not same(pixels(answers[1])[0], peer[0])  # another seed, another image
+        assert same(pixels(answers[1])[0], peer[1])  # seed 6 is the second image of seed 5
+    finally:
+        serve.delete("bench_dtrain", _blocking=False)
+        serve.delete("bench_peer", _blocking=False)

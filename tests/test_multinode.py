@@ -36,7 +36,11 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="mn-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     token = root / "token"
     token.write_text(uuid.uuid4().hex)
-    env = node_env(token, GLOO_SOCKET_IFNAME=VethPair.IFNAME)  # gloo between nodes: the veth, not loopback
+    env = node_env(token, GLOO_SOCKET_IFNAME=VethPair.IFNAME,  # gloo between nodes: the veth, not loopback
+                   # a dead node known in about 2 s, not 15 (GCS health checks: 5 misses 3 s apart by default),
+                   # and its lost worker seen by Ray Train's controller within 0.5 s, not 2
+                   RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="4",
+                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
     c = {"pair": pair, "root": root, "token": token, "env": env, "procs": []}
 
     def start_worker():

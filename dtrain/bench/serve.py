@@ -3,7 +3,10 @@ app rides a traffic spike. Loopback only, bounded in time and in clients.
 
 1. The limit: in-process batched sampling (`max_batch_images` per call, the replica's threads).
 2. One fixed replica at concurrency 1, 16, 64 (closed-loop clients, one image per request):
-   throughput against the limit, p50/p95/p99 latency, status codes, the latency added at 1.
+   throughput against the limit, p50/p95/p99 latency, status codes, the latency added at 1; with
+   every feature (the default), with none (watermark and signing off; cache and jobs are off unless
+   asked), each feature alone at 1 client, and the peer (dtrain.bench.peer: a minimal Serve app of
+   the same checkpoint, a FastAPI ingress and an `@serve.batch` sampler) in the same run.
 3. An autoscaling deployment under a spike: baseline clients, 8x, baseline again, then a 10x
    flood: replicas over time, how long after the spike the most replicas ran, and that every
    answer was a 200, 429 or 503 with no admitted request lost (no dropped connection, no 5xx).
@@ -213,6 +216,23 @@ def scale_up_split(app: str, burst_at: float, deployment: str = "Sampler", logs:
             "worker_started_before_decision": s["process"] < decided, "replica": rid}
 
 
+def _fixed_rows(url: str, name: str, start, body: dict, concurrencies: tuple[int, ...], seconds: float,
+                limit: dict, rows: list[dict]) -> dict[int, dict]:
+    """`start()` an app at /bench_fixed, drive it at each concurrency (one image per request), delete it;
+    its rows appended to `rows` and returned by clients."""
+    from ray import serve
+
+    start()
+    out: dict[int, dict] = {}
+    for c in concurrencies:
+        shots = asyncio.run(_phases(f"{url}/bench_fixed", body, [(f"c{c}", c, seconds)], time.perf_counter()))
+        s = summarize(shots)
+        out[c] = {"phase": f"{name} c={c}", "clients": c, **s, "vs_in_process": s["images_per_s"] / limit["images_per_s"]}
+        rows.append(out[c])
+    serve.delete("bench_fixed")
+    return out
+
+
 def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: float = 6.0,
         concurrencies: tuple[int, ...] = (1, 16, 64), baseline: int = 4, max_replicas: int = 4,
         replica_cpus: float = 0.5, max_batch_images: int = 16, batch_wait_timeout_s: float = 0.005,
@@ -220,6 +240,7 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
     """The benchmark against Serve at `url` (else one started here on a free loopback port)."""
     from ray import serve
 
+    from dtrain.bench.peer import peer_app
     from dtrain.serving.app import deploy
 
     if url is None:
@@ -233,24 +254,30 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
     limit = in_process_limit(checkpoint, steps, max_batch_images, threads=1)
     rows.append({"phase": "in-process", "clients": max_batch_images, **limit})
 
-    # one replica with the in-process threads: what Serve adds
-    deploy(ServeArgs(checkpoint=checkpoint, num_replicas=1, replica_cpus=1,
-                                     max_batch_images=max_batch_images, batch_wait_timeout_s=batch_wait_timeout_s,
-                                     max_queued_requests=4 * max(concurrencies)), "bench_fixed")
-    fixed: dict[int, dict] = {}  # clients -> row
-    for c in concurrencies:
-        shots = asyncio.run(_phases(f"{url}/bench_fixed", body, [(f"c{c}", c, seconds)], time.perf_counter()))
-        s = summarize(shots)
-        fixed[c] = {"phase": f"fixed c={c}", "clients": c, **s,
-                    "vs_in_process": s["images_per_s"] / limit["images_per_s"]}
-        rows.append(fixed[c])
+    # one replica with the in-process threads: what Serve adds, with every feature (the default), with
+    # none (watermark, signing, cache and jobs off), and the peer: a minimal Serve app (dtrain.bench.peer)
+    one = dict(checkpoint=checkpoint, num_replicas=1, replica_cpus=1, max_batch_images=max_batch_images,
+               batch_wait_timeout_s=batch_wait_timeout_s, max_queued_requests=4 * max(concurrencies))
+    fixed = _fixed_rows(url, "fixed", lambda: deploy(ServeArgs(**one), "bench_fixed"), body, concurrencies, seconds,
+                        limit, rows)
     # the same compute in requests of max_batch_images images: what the per-request cost is
+    deploy(ServeArgs(**one), "bench_fixed")
     shots = asyncio.run(_phases(f"{url}/bench_fixed", {**body, "num_images": max_batch_images},
                                 [("multi", 4, seconds)], time.perf_counter()))
     s = summarize(shots, images_per_request=max_batch_images)
     rows.append({"phase": f"fixed c=4, {max_batch_images} images/request", "clients": 4, **s,
                  "vs_in_process": s["images_per_s"] / limit["images_per_s"]})
     serve.delete("bench_fixed")
+    bare = _fixed_rows(url, "bare", lambda: deploy(ServeArgs(**one, watermark=False, provenance=False), "bench_fixed"),
+                       body, concurrencies, seconds, limit, rows)
+    # each feature alone, at one client: its own cost per request
+    features = {"watermark only": {"provenance": False}, "signing only": {"watermark": False}}
+    alone = {name: _fixed_rows(url, name, lambda o=o: deploy(ServeArgs(**one, **o), "bench_fixed"), body,
+                               (min(concurrencies),), seconds, limit, rows)[min(concurrencies)]
+             for name, o in features.items()}
+    peer = _fixed_rows(url, "peer", lambda: serve.run(peer_app(checkpoint, 1, max_batch_images), name="bench_fixed",
+                                                      route_prefix="/bench_fixed"),
+                       body, concurrencies, seconds, limit, rows)
 
     # autoscaling through a spike and a flood
     # dtrain's policy on images per replica: the baseline's images fill half a replica, the spike's 4
@@ -277,6 +304,14 @@ def run(checkpoint: str, url: Optional[str] = None, steps: int = 4, seconds: flo
         "throughput_vs_in_process": {f"c{c}": r["vs_in_process"] for c, r in fixed.items()},
         # p50 at the fewest clients against one in-process image: what Serve adds to a lone request
         "added_latency_ms": fixed[min(fixed)]["p50_ms"] - limit["one_image_ms"],
+        # dtrain with its optional features off against the peer (targets: >= 0.9 of its images/s at 16
+        # clients, <= 1.2x its added latency at 1)
+        "bare_vs_peer_images_per_s": {f"c{c}": bare[c]["images_per_s"] / peer[c]["images_per_s"] for c in bare},
+        "added_latency_ms_bare_peer": [bare[min(bare)]["p50_ms"] - limit["one_image_ms"],
+                                       peer[min(peer)]["p50_ms"] - limit["one_image_ms"]],
+        # each feature's own cost: its p50 at one client over the bare app's
+        "feature_cost_ms": {**{name: r["p50_ms"] - bare[min(bare)]["p50_ms"] for name, r in alone.items()},
+                            "all (default)": fixed[min(fixed)]["p50_ms"] - bare[min(bare)]["p50_ms"]},
         "seconds_to_scale_decision_after_spike": time_to_max(watch.requested, float(starts[1]), max_replicas),
         "seconds_to_max_replicas_after_spike": reached,
         # the first replica the spike added: decision, process start, imports, model load, warm-up, ...
