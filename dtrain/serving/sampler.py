@@ -147,16 +147,17 @@ class SamplerReplica:
         # would wait for both); model() takes it from here
         self.warm = {default_model: self.load(default_model)}
         self.startup.mark("model_loaded")
-        self.warm_up(self.warm[default_model])
+        self.one_step_sample(self.warm[default_model])  # the warm-up: the first call's one-time costs paid here
         self.startup.mark("warmed_up")
         logger.info(self.startup.log_line(self.replica))
 
-    def warm_up(self, m: Loaded) -> None:
-        """A one-step, one-image sample: the first call's one-time costs (kernel selection, allocator)
-        paid at start. Nothing is compiled, so nothing is compiled twice."""
+    @staticmethod
+    def one_step_sample(m: Loaded) -> torch.Tensor:
+        """A one-step, one-image sample of `m`: the warm-up at start (kernel selection, allocator; nothing
+        is compiled, so nothing is compiled twice) and the health probe."""
         text = m.cfg.model.conditioning == "text"
         cond = conditions(m.cfg, m.tokenizer, [""]) if text else torch.zeros(1, dtype=torch.long)
-        render(m.net, m.cfg, m.meta, cond, [0], 1, 1.0, m.precision)
+        return render(m.net, m.cfg, m.meta, cond, [0], 1, 1.0, m.precision)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics (dtrain.serving.autoscaling.ImagesPolicy): the images
@@ -172,9 +173,7 @@ class SamplerReplica:
         replica that cannot sample (a missing VAE, a bad device) fails then, not per request."""
         start = time.perf_counter()
         m = await self.model(self.default_model)
-        text = m.cfg.model.conditioning == "text"
-        cond = conditions(m.cfg, m.tokenizer, [""]) if text else torch.zeros(1, dtype=torch.long)
-        x = await asyncio.to_thread(render, m.net, m.cfg, m.meta, cond, [0], 1, 1.0, m.precision)
+        x = await asyncio.to_thread(self.one_step_sample, m)
         if not torch.isfinite(x).all():
             raise RuntimeError("the one-step probe sample is not finite")
         return {"device": self.device, "precision": m.precision, "probe_ms": 1000 * (time.perf_counter() - start)}
